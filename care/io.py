@@ -1,0 +1,62 @@
+"""Safe writes: everything the user keeps is written to a temp file beside the target and renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from care.errors import DiskFullError
+
+
+def check_free_space(folder: Path, needed_bytes: int, what: str = "output") -> None:
+    """Raise DiskFullError before starting a write that cannot fit."""
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if needed_bytes > free:
+        raise DiskFullError(
+            f"Not enough disk space for the {what}: need {needed_bytes / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB free",
+            path=folder,
+            hint="Free some space or choose another --out folder",
+        )
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".part", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError("Disk full while writing", path=target, hint="Free some space and run again") from exc
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
+    return write_text(target, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")

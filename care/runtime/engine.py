@@ -1,0 +1,347 @@
+"""The llama.cpp chat engine every front end (CLI, TUI, server, eval) uses.
+
+Formatting comes from the GGUF's own chat template (never llama-cpp-python's silent Llama-2 fallback),
+generation streams `GenerationResponse` chunks, can be cancelled from another thread, and the history
+is trimmed to the context budget instead of crashing at n_ctx.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from care.errors import GenerationError, InvalidModelError, require
+from care.models import check_gguf
+
+log = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+# Strings that end a turn in the chat formats we support. llama.cpp already stops on the vocabulary's
+# end-of-generation tokens (EOS/EOT, Phi-3.5's <|end|>); these catch models whose GGUF marks them poorly.
+END_OF_TURN_STRINGS = ("<|end|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>")
+
+# Named templates a user may choose with --chat-template for a GGUF that carries none.
+NAMED_TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "phi3": (
+        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+    max_tokens: int = 512
+
+
+@dataclass
+class EngineConfig:
+    n_ctx: int = 4096  # phone-sensible; never the model's 128k maximum
+    n_threads: int | None = None  # None: the idle physical cores
+    n_batch: int = 512
+    use_mmap: bool = True
+    lora_path: str | None = None
+    chat_template: str | None = None  # a template name from NAMED_TEMPLATES or Jinja text; None: the GGUF's
+    type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
+    type_v: str | None = None
+    flash_attn: bool | None = None
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed chunk, or (with finish_reason set) the last one with the run's totals."""
+
+    text: str
+    finish_reason: str | None = None  # None while streaming; "stop", "length", "cancelled"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    tokens_per_s: float = 0.0
+    elapsed_s: float = 0.0
+    dropped_turns: int = 0  # older turns left out to fit the context
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_threads() -> int:
+    """Idle physical cores. llama.cpp's workers spin-wait, so asking for a busy core stalls every token."""
+    env = os.environ.get("CARE_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        physical = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        physical = min(physical, len(os.sched_getaffinity(0)))
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, physical - busy)
+
+
+class ChatEngine:
+    """A GGUF model loaded with llama-cpp-python, formatted by its own chat template."""
+
+    def __init__(self, model_path: str | os.PathLike[str], config: EngineConfig | None = None) -> None:
+        require("llama_cpp", "runtime")
+        import llama_cpp
+
+        self.path = check_gguf(Path(model_path))
+        self.config = config or EngineConfig()
+        self.n_threads = self.config.n_threads or default_threads()
+        kwargs: dict[str, Any] = {}
+        for name in ("type_k", "type_v"):
+            value = getattr(self.config, name)
+            if value:
+                kwargs[name] = _ggml_type(value)
+        if self.config.flash_attn is not None:
+            kwargs["flash_attn"] = self.config.flash_attn
+        t0 = time.perf_counter()
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                n_ctx=self.config.n_ctx,
+                n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,
+                n_batch=min(self.config.n_batch, self.config.n_ctx),
+                use_mmap=self.config.use_mmap,
+                lora_path=self.config.lora_path,
+                seed=self.config.sampling.seed if self.config.sampling.seed is not None else 0xFFFFFFFF,
+                verbose=bool(os.environ.get("CARE_DEBUG")),
+                **kwargs,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise InvalidModelError(
+                f"llama.cpp could not load the model: {exc}",
+                path=self.path,
+                hint="Check that the file is a complete GGUF (re-export it with `care export gguf`)",
+            ) from exc
+        self.load_s = time.perf_counter() - t0
+        self.metadata: dict[str, str] = dict(self.llm.metadata or {})
+        self.template = self._pick_template()
+        self._formatter = self._make_formatter()
+        self._cancel = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- model facts -------------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    @property
+    def model_name(self) -> str:
+        return self.metadata.get("general.name") or self.path.stem
+
+    @property
+    def quant_type(self) -> str:
+        """The file's dominant weight type, e.g. Q4_K_M, from general.file_type."""
+        ftype = self.metadata.get("general.file_type")
+        if ftype is None:
+            return "unknown"
+        try:
+            import gguf
+
+            return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
+        except (ImportError, ValueError):
+            return f"ftype {ftype}"
+
+    def token_text(self, token_id: int) -> str:
+        return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+
+    @property
+    def stop_strings(self) -> list[str]:
+        stops = {self.token_text(self.llm.token_eos())}
+        eot = getattr(self.llm._model, "token_eot", lambda: -1)()
+        if eot is not None and eot >= 0:
+            stops.add(self.token_text(eot))
+        stops.update(s for s in END_OF_TURN_STRINGS if s in self.template)
+        return sorted(s for s in stops if s)
+
+    def _pick_template(self) -> str:
+        chosen = self.config.chat_template
+        if chosen:
+            return NAMED_TEMPLATES.get(chosen, chosen)
+        template = self.metadata.get("tokenizer.chat_template")
+        if not template:
+            names = ", ".join(NAMED_TEMPLATES)
+            raise InvalidModelError(
+                "The GGUF has no chat template",
+                path=self.path,
+                hint=f"Choose one with --chat-template NAME ({names}) or re-export the model with its template",
+            )
+        return template
+
+    def _make_formatter(self):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        return Jinja2ChatFormatter(
+            template=self.template,
+            eos_token=self.token_text(self.llm.token_eos()),
+            bos_token=self.token_text(self.llm.token_bos()),
+            stop_token_ids=[self.llm.token_eos()],
+        )
+
+    # -- prompt building ---------------------------------------------------------------------------
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt text exactly as the model's chat template renders it."""
+        if add_generation_prompt:
+            return self._formatter(messages=list(messages)).prompt
+        # Jinja2ChatFormatter always adds the generation prompt; render the rest ourselves with its env.
+        return self._formatter._environment.render(  # noqa: SLF001 - same sandboxed env, one flag different
+            messages=list(messages),
+            eos_token=self._formatter.eos_token,
+            bos_token=self._formatter.bos_token,
+            add_generation_prompt=False,
+            raise_exception=_raise,
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of a rendered prompt; BOS added only if the model wants it and the template did not."""
+        bos = self.token_text(self.llm.token_bos())
+        add_bos = not (bos and text.startswith(bos))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def fit(self, messages: Sequence[Message], max_tokens: int) -> tuple[list[Message], list[int], int]:
+        """Drop the oldest non-system turns until prompt + reply budget fits n_ctx.
+
+        Returns (messages kept, prompt tokens, number of messages dropped)."""
+        kept = list(messages)
+        dropped = 0
+        while True:
+            tokens = self.tokenize(self.render(kept))
+            if len(tokens) + max_tokens <= self.n_ctx:
+                return kept, tokens, dropped
+            first = next((i for i, m in enumerate(kept) if m["role"] != "system"), None)
+            # Keep at least the newest user message; past that the message itself is too long.
+            if first is None or first == len(kept) - 1:
+                budget = self.n_ctx - max_tokens
+                if budget > 8:
+                    raise GenerationError(
+                        f"The message is too long: {len(tokens)} tokens, the context allows {budget}",
+                        hint="Shorten it, lower --max-tokens, or raise --n-ctx",
+                    )
+                raise GenerationError(
+                    f"--max-tokens {max_tokens} leaves no room in the {self.n_ctx}-token context",
+                    hint="Lower --max-tokens or raise --n-ctx",
+                )
+            del kept[first]
+            dropped += 1
+
+    # -- generation --------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop the generation in progress (safe from any thread); the engine stays usable."""
+        self._cancel.set()
+
+    def stream(
+        self, messages: Sequence[Message], sampling: SamplingConfig | None = None
+    ) -> Iterator[GenerationResponse]:
+        s = sampling or self.config.sampling
+        with self._lock:
+            self._cancel.clear()
+            kept, prompt_tokens, dropped = self.fit(messages, s.max_tokens)
+            if dropped:
+                log.info("dropped %d older messages to fit the %d-token context", dropped, self.n_ctx)
+            t0 = time.perf_counter()
+            ttft = None
+            n_out = 0
+            finish = "stop"
+            if s.seed is not None:
+                self.llm.set_seed(s.seed)
+            gen = self.llm.create_completion(
+                prompt=prompt_tokens,
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                repeat_penalty=s.repeat_penalty,
+                stop=self.stop_strings,
+                stream=True,
+            )
+            try:
+                for chunk in gen:
+                    choice = chunk["choices"][0]
+                    if self._cancel.is_set():
+                        finish = "cancelled"
+                        break
+                    n_out += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if choice["text"]:
+                        yield GenerationResponse(text=choice["text"], prompt_tokens=len(prompt_tokens),
+                                                 completion_tokens=n_out, ttft_s=ttft, dropped_turns=dropped)
+                    if choice.get("finish_reason"):
+                        finish = choice["finish_reason"]
+                        break
+            finally:
+                gen.close()
+            elapsed = time.perf_counter() - t0
+            # Tokens actually decoded: the context grew by prompt + generated (the last sampled token is
+            # not evaluated). Chunks under-count when llama-cpp-python holds text back for stop strings.
+            n_gen = max(n_out, self.llm.n_tokens - len(prompt_tokens) + (0 if finish == "cancelled" else 1))
+            n_gen = min(n_gen, s.max_tokens)
+            decode_s = max(elapsed - (ttft or 0.0), 1e-9)
+            yield GenerationResponse(
+                text="",
+                finish_reason=finish,
+                prompt_tokens=len(prompt_tokens),
+                completion_tokens=n_gen,
+                ttft_s=ttft,
+                tokens_per_s=(n_gen - 1) / decode_s if n_gen > 1 else 0.0,
+                elapsed_s=elapsed,
+                dropped_turns=dropped,
+            )
+
+    def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
+        """Generate a whole reply; returns the final chunk with the full text."""
+        parts: list[str] = []
+        last = GenerationResponse(text="")
+        for chunk in self.stream(messages, sampling):
+            parts.append(chunk.text)
+            last = chunk
+        last.text = "".join(parts)
+        return last
+
+    def close(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.close()
+
+
+def _raise(message: str) -> None:
+    raise GenerationError(f"The chat template refused the conversation: {message}")
+
+
+def _ggml_type(name: str) -> int:
+    import llama_cpp
+
+    attr = f"GGML_TYPE_{name.upper()}"
+    if not hasattr(llama_cpp, attr):
+        raise InvalidModelError(f"Unknown KV-cache type '{name}'", hint="Use one of f16, q8_0, q4_0")
+    return int(getattr(llama_cpp, attr))
