@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[all,dev]"
+	$(BIN)/care export setup  # llama.cpp's converter matching the installed llama-cpp-python (pip download)
 	touch $@
 
 demo: setup

@@ -18,6 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parent.parent
+# llama.cpp's converter (care export setup) is fetched once per checkout, not once per test's CARE_HOME.
+os.environ.setdefault("CARE_CONVERTER_DIR", str(REPO / ".cache" / "tests" / "llama.cpp-converter"))
 
 
 @pytest.fixture(autouse=True)

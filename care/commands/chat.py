@@ -8,7 +8,8 @@ import sys
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a GGUF through the runtime engine."""
-    parser.add_argument("--model", "-m", default=None, help="a .gguf file, a folder with one, or a known name "
+    parser.add_argument("--model", "-m", default=None, help="a .gguf file, a folder with one, an ONNX folder from `care export onnx`, "
+                        "or a known name "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle physical cores)")
@@ -32,6 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", metavar="TEXT", default=None,
                         help="answer one message, stream it to stdout and exit (use - to read stdin)")
     parser.add_argument("--system", default=None, help="system prompt (overrides the domain prompt)")
+    parser.add_argument("--domain", default="auto", choices=["auto", "banking", "telecom", "medical", "general"],
+                        help="support domain and its system prompt (default: detected from the first message)")
+    parser.add_argument("--lang", default=None, metavar="CODES",
+                        help="languages of safety notices, e.g. en,fr (default: the clinic's safety.yaml, else en)")
     parser.add_argument("--stats", action="store_true", help="with --once: print tokens/s and TTFT to stderr")
 
 
@@ -60,9 +65,15 @@ def engine_config_from_args(args: argparse.Namespace):
 
 
 def load_engine(args: argparse.Namespace):
+    """A llama.cpp engine for a GGUF; the ONNX backend for an onnxruntime-genai folder (`care export onnx`)."""
     from care.models import resolve_gguf
     from care.runtime.engine import ChatEngine
 
+    if args.model:
+        from care.runtime.onnx_engine import OnnxChatEngine, is_onnx_folder
+
+        if is_onnx_folder(args.model):
+            return OnnxChatEngine(args.model, engine_config_from_args(args))
     return ChatEngine(resolve_gguf(args.model), engine_config_from_args(args))
 
 
@@ -76,19 +87,35 @@ def run(args: argparse.Namespace) -> int:
 
     if not text.strip():
         raise UsageError("Empty message", hint='Pass the question, e.g. care chat --once "How do I block a card?"')
+    from care.runtime.session import ChatSession, ContextNote, SafetyNotice
+
     engine = load_engine(args)
-    messages = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    messages.append({"role": "user", "content": text})
-    last = None
-    for chunk in engine.stream(messages):
-        sys.stdout.write(chunk.text)
+    try:
+        session = ChatSession(engine, domain=args.domain, system=args.system, languages=parse_languages(args.lang))
+        last = None
+        for event in session.send(text):
+            if isinstance(event, SafetyNotice):
+                # Marked and on stdout, before the answer: a script piping the answer must pass it on too.
+                print(f"[SAFETY {event.category}] {event.message}", flush=True)
+            elif isinstance(event, ContextNote):
+                print(f"[note] {event.message}", file=sys.stderr)
+            elif event.finish_reason is None:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            else:
+                last = event
+        sys.stdout.write("\n")
         sys.stdout.flush()
-        last = chunk
-    sys.stdout.write("\n")
-    if args.stats and last is not None:
-        print(f"[{last.completion_tokens} tokens, {last.tokens_per_s:.1f} tok/s, "
-              f"TTFT {last.ttft_s or 0:.2f}s, finish: {last.finish_reason}]", file=sys.stderr)
-    engine.close()
+        if args.stats and last is not None:
+            print(f"[{last.completion_tokens} tokens, {last.tokens_per_s:.1f} tok/s, "
+                  f"TTFT {last.ttft_s or 0:.2f}s, finish: {last.finish_reason}, domain: {session.domain}]",
+                  file=sys.stderr)
+    finally:
+        engine.close()
     return 0
+
+
+def parse_languages(value: str | None) -> tuple[str, ...] | None:
+    if not value:
+        return None
+    return tuple(code.strip().lower() for code in value.split(",") if code.strip())

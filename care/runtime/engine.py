@@ -7,6 +7,8 @@ is trimmed to the context budget instead of crashing at n_ctx.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import threading
@@ -53,6 +55,7 @@ class SamplingConfig:
     repeat_penalty: float = 1.1
     seed: int | None = None
     max_tokens: int = 512
+    stop: tuple[str, ...] = ()  # extra stop strings (OpenAI `stop`), on top of the model's end-of-turn ones
 
 
 @dataclass
@@ -66,6 +69,7 @@ class EngineConfig:
     type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
     type_v: str | None = None
     flash_attn: bool | None = None
+    repack: bool | None = None  # llama.cpp's repacked copy of quantized weights (faster matmuls, more RSS)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -125,18 +129,19 @@ class ChatEngine:
             kwargs["flash_attn"] = self.config.flash_attn
         t0 = time.perf_counter()
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.path),
-                n_ctx=self.config.n_ctx,
-                n_threads=self.n_threads,
-                n_threads_batch=self.n_threads,
-                n_batch=min(self.config.n_batch, self.config.n_ctx),
-                use_mmap=self.config.use_mmap,
-                lora_path=self.config.lora_path,
-                seed=self.config.sampling.seed if self.config.sampling.seed is not None else 0xFFFFFFFF,
-                verbose=bool(os.environ.get("CARE_DEBUG")),
-                **kwargs,
-            )
+            with _model_params(repack=self.config.repack):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.path),
+                    n_ctx=self.config.n_ctx,
+                    n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads,
+                    n_batch=min(self.config.n_batch, self.config.n_ctx),
+                    use_mmap=self.config.use_mmap,
+                    lora_path=self.config.lora_path,
+                    seed=self.config.sampling.seed if self.config.sampling.seed is not None else 0xFFFFFFFF,
+                    verbose=bool(os.environ.get("CARE_DEBUG")),
+                    **kwargs,
+                )
         except (ValueError, RuntimeError) as exc:
             raise InvalidModelError(
                 f"llama.cpp could not load the model: {exc}",
@@ -153,7 +158,9 @@ class ChatEngine:
     # -- model facts -------------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:
-        return self.llm.n_ctx()
+        # llama.cpp pads the context up (160 -> 256) but llama-cpp-python sizes its token buffers with the
+        # requested value: budgeting with the padded one overflows them (ValueError in eval).
+        return min(self.llm.n_ctx(), int(self.llm.context_params.n_ctx))
 
     @property
     def model_name(self) -> str:
@@ -182,7 +189,23 @@ class ChatEngine:
         if eot is not None and eot >= 0:
             stops.add(self.token_text(eot))
         stops.update(s for s in END_OF_TURN_STRINGS if s in self.template)
+        stops.add("<|endoftext|>")  # Phi-3.5 and GPT-style models end documents with it
         return sorted(s for s in stops if s)
+
+    @functools.cached_property
+    def _text_stops(self) -> list[str]:
+        """Stop strings llama.cpp does not already stop on as end-of-generation tokens.
+
+        llama-cpp-python re-detokenizes the whole reply at every token to look for stop strings, which
+        cost ~6% of decode speed here; a string that is one EOG token of the vocabulary needs no such check."""
+        import llama_cpp
+
+        out = []
+        for text in self.stop_strings:
+            ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+            if not (len(ids) == 1 and llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, ids[0])):
+                out.append(text)
+        return out
 
     def _pick_template(self) -> str:
         chosen = self.config.chat_template
@@ -281,7 +304,7 @@ class ChatEngine:
                 top_p=s.top_p,
                 top_k=s.top_k,
                 repeat_penalty=s.repeat_penalty,
-                stop=self.stop_strings,
+                stop=[*self._text_stops, *s.stop] or None,
                 stream=True,
             )
             try:
@@ -332,6 +355,35 @@ class ChatEngine:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
+
+
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(repack: bool | None) -> Iterator[None]:
+    """Load with llama.cpp's `use_extra_bufts` (weight repacking) switched as asked.
+
+    llama-cpp-python does not expose that model parameter, so wrap the defaults it starts from while
+    the model loads (under a lock: the wrap is process-wide)."""
+    if repack is None:
+        yield
+        return
+    import llama_cpp.llama_cpp as lib
+
+    with _PARAMS_LOCK:
+        original = lib.llama_model_default_params
+
+        def patched():
+            params = original()
+            params.use_extra_bufts = bool(repack)
+            return params
+
+        lib.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            lib.llama_model_default_params = original
 
 
 def _raise(message: str) -> None:

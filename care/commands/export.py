@@ -1,0 +1,217 @@
+"""`care export gguf|onnx|verify|setup`: merged HF model -> verified GGUF / ONNX files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_k_s", "q5_k_s", "q5_0",
+              "q3_k_m")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="export_command", metavar="{gguf,onnx,verify,setup}", required=True)
+
+    g = sub.add_parser("gguf", help="GGUF for llama.cpp / Ollama (default --q4_k_m), verified against the source",
+                       description="Convert a merged Hugging Face model folder to GGUF with llama.cpp's own "
+                       "converter and quantizer, then verify every file against the source model.")
+    g.add_argument("model_dir", help="merged Hugging Face model folder (from `care merge`)")
+    g.add_argument("--out", "-o", required=True, help="output folder (GGUFs, manifest.json, Modelfile, verify.json)")
+    types = g.add_argument_group("types (several at once; default --q4_k_m)")
+    for q in GGUF_TYPES:
+        types.add_argument(f"--{q}", dest="quants", action="append_const", const=q, help=argparse.SUPPRESS
+                           if q in ("q4_k_s", "q5_k_s", "q5_0", "q3_k_m") else f"write a {q.upper()} file")
+    g.add_argument("--no-verify", action="store_true", help="skip verification against the source model")
+    g.add_argument("--name", default=None, help="model name stored in the GGUF (default: the folder name)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads for quantize/verify")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.set_defaults(module_run=run_gguf)
+
+    o = sub.add_parser("onnx", help="ONNX via onnxruntime-genai's model builder (int4 default), verified",
+                       description="Export a merged Hugging Face model folder to ONNX with onnxruntime-genai's "
+                       "model builder, then verify logits against the source and generate a reply.")
+    o.add_argument("model_dir", help="merged Hugging Face model folder (from `care merge`)")
+    o.add_argument("--out", "-o", required=True, help="output folder")
+    prec = o.add_mutually_exclusive_group()
+    prec.add_argument("--int4", dest="precision", action="store_const", const="int4", help="int4 weights (default)")
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8", help="int8 weights")
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="fp32 (reference)")
+    o.add_argument("--int4-algo", default=None,
+                   help="int4 algorithm for the builder (default: k_quant_mixed, chosen by measured quality)")
+    o.add_argument("--no-verify", action="store_true", help="skip verification against the source model")
+    o.add_argument("--threads", type=int, default=None)
+    o.add_argument("--json", action="store_true", help="print the result as JSON")
+    o.set_defaults(module_run=run_onnx, precision="int4")
+
+    v = sub.add_parser("verify", help="verify a GGUF against its Hugging Face source folder",
+                       description="Tokenizer parity, chat-template rendering, next-token agreement, KL and "
+                       "perplexity of a GGUF against the HF model it was made from.")
+    v.add_argument("file", help="the .gguf file")
+    v.add_argument("--source", required=True, help="the Hugging Face model folder it was exported from")
+    v.add_argument("--n-ctx", type=int, default=2048, help="context for the check (at most 4096)")
+    v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--report", default=None, help="also write the report to this JSON file")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(module_run=run_verify)
+
+    s = sub.add_parser("setup", help="fetch llama.cpp's converter matching the installed llama-cpp-python",
+                       description="Download the llama-cpp-python sdist of the installed version with pip and "
+                       "extract its convert_hf_to_gguf.py + gguf-py into the user data folder.")
+    s.add_argument("--force", action="store_true", help="fetch again even if present")
+    s.add_argument("--sdist", default=None, help="use this local llama_cpp_python-<version>.tar.gz (offline)")
+    s.set_defaults(module_run=run_setup)
+
+
+def run(args: argparse.Namespace) -> int:  # the dispatcher uses module_run; kept for direct callers
+    return int(args.module_run(args))
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True, console=_console(stderr=True))
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def print_verify_table(report: dict, title: str = "Verification against the HF model") -> None:
+    from rich.table import Table
+
+    from care.export.verify import format_table
+
+    rows = format_table(report)
+    table = Table(title=title)
+    for col in rows[0]:
+        table.add_column(col)
+    for row in rows[1:]:
+        table.add_row(*row)
+    console = _console()
+    console.print(table)
+    for quant, entry in report["files"].items():
+        for w in entry.get("warnings", []):
+            console.print(f"[yellow]{quant}: {w}[/yellow]")
+        for f in entry.get("failures", []):
+            console.print(f"[red]{quant}: {f}[/red]")
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from care.errors import VerificationError
+    from care.export.gguf import export_gguf
+
+    quants = tuple(args.quants or ("q4_k_m",))
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        try:
+            result = export_gguf(args.model_dir, args.out, quants=quants, verify=not args.no_verify,
+                                 name=args.name, n_threads=args.threads, progress=progress)
+            failed = None
+        except VerificationError as exc:
+            result = getattr(exc, "result", None)
+            if result is None:
+                raise
+            failed = exc
+    if args.json:
+        print(json.dumps({"files": {q: str(p) for q, p in result.files.items()},
+                          "manifest": str(result.manifest_path), "fallback_tensors": result.fallback_tensors,
+                          "notes": result.notes, "verified": None if result.verify_report is None
+                          else result.verify_report["passed"]}, indent=2))
+    else:
+        err = _console(stderr=True)
+        for note in result.notes:
+            err.print(f"[yellow]note:[/yellow] {note}")
+        if result.verify_report is not None:
+            print_verify_table(result.verify_report)
+        console = _console()
+        for q, p in result.files.items():
+            console.print(f"{q:>7}  {p}  ({p.stat().st_size / 2**20:.1f} MiB)")
+        console.print(f"manifest: {result.manifest_path}\nOllama:   ollama create {_ollama_name(result.name)} "
+                      f"-f {result.modelfile_path}")
+        if result.verify_report is None:
+            err.print("[yellow]not verified (--no-verify)[/yellow]")
+    if failed is not None:
+        raise failed
+    return 0
+
+
+def _ollama_name(name: str) -> str:
+    import re
+
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "care-model"
+
+
+def run_onnx(args: argparse.Namespace) -> int:
+    from care.errors import VerificationError
+    from care.export.onnx import export_onnx
+
+    failed = None
+    with _progress() as bar:
+        task = bar.add_task(f"onnx {args.precision}", total=None)
+        try:
+            result = export_onnx(args.model_dir, args.out, precision=args.precision, verify=not args.no_verify,
+                                 int4_algo=args.int4_algo, n_threads=args.threads)
+        except VerificationError as exc:
+            result = getattr(exc, "result", None)
+            if result is None:
+                raise
+            failed = exc
+        bar.update(task, completed=1, total=1)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        _print_onnx(result)
+    if failed is not None:
+        raise failed
+    return 0
+
+
+def _print_onnx(result) -> None:
+    console = _console()
+    if result.verify_report:
+        r = result.verify_report
+        console.print(f"ONNX {result.precision} ({result.int4_algo or '-'}): top-1 {r['top1_agreement']:.3f}, "
+                      f"KL {r['kl_mean']:.3g} (limit {r['kl_limit']:g}), ppl {r['ppl']:.2f} vs HF "
+                      f"{r['ppl_hf']:.2f}; reply: {r.get('reply', '')[:80]!r}")
+    console.print(f"folder: {result.out_dir} ({result.size_bytes / 2**20:.1f} MiB)\nmanifest: {result.manifest_path}")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from care.export.verify import verify_gguf
+
+    report = verify_gguf(args.file, args.source, n_ctx=args.n_ctx, n_threads=args.threads, fail=False)
+    if args.report:
+        from care.io import write_json
+
+        write_json(Path(args.report), report)
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        print_verify_table(report, title=f"{Path(args.file).name} vs {args.source}")
+    if not report["passed"]:
+        from care.errors import VerificationError
+
+        raise VerificationError("Verification failed: " + "; ".join(report["failures"][:3]), path=args.file,
+                                hint="Re-export the file with `care export gguf`")
+    return 0
+
+
+def run_setup(args: argparse.Namespace) -> int:
+    from care.export.converter import setup_converter
+
+    print("Fetching llama.cpp's converter for the installed llama-cpp-python (pip download, ~75 MB)...",
+          file=sys.stderr)
+    path = setup_converter(force=args.force, sdist=args.sdist)
+    print(f"llama.cpp converter ready: {path}")
+    return 0

@@ -1,0 +1,214 @@
+"""f16 GGUF -> quantized GGUFs with llama.cpp's own quantizer (`llama_model_quantize` via llama-cpp-python).
+
+All requested types are made in one worker subprocess (one import, one read of the f16 file per type); a
+subprocess because llama.cpp aborts the whole process on some bad inputs. Its log is parsed for progress
+and for the per-tensor fallbacks: k-quants work on 256-wide blocks, so a tensor whose rows are not a
+multiple of 256 (SmolLM2's 576-wide ones, every tensor of a tiny test model) is stored in a 32-block type
+instead (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). The count is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from care.errors import ExportError, UsageError
+from care.io import atomic_path, check_free_space
+
+log = logging.getLogger(__name__)
+
+# quant name -> (llama_ftype name in llama_cpp, approx bits per weight for the disk-space check)
+QUANT_TYPES: dict[str, tuple[str, float]] = {
+    "q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", 4.5),
+    "q4_1": ("LLAMA_FTYPE_MOSTLY_Q4_1", 5.0),
+    "q5_0": ("LLAMA_FTYPE_MOSTLY_Q5_0", 5.5),
+    "q5_1": ("LLAMA_FTYPE_MOSTLY_Q5_1", 6.0),
+    "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", 8.5),
+    "q3_k_m": ("LLAMA_FTYPE_MOSTLY_Q3_K_M", 3.9),
+    "q4_k_s": ("LLAMA_FTYPE_MOSTLY_Q4_K_S", 4.6),
+    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", 4.9),
+    "q5_k_s": ("LLAMA_FTYPE_MOSTLY_Q5_K_S", 5.5),
+    "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7),
+    "q6_k": ("LLAMA_FTYPE_MOSTLY_Q6_K", 6.6),
+}
+# Made by the converter directly, not by the quantizer.
+FLOAT_TYPES = ("f16", "bf16", "f32")
+K_QUANT_BLOCK = 256
+
+
+def normalize_quant(name: str) -> str:
+    q = name.strip().lower().replace("-", "_")
+    if q not in QUANT_TYPES and q not in FLOAT_TYPES:
+        known = ", ".join([*FLOAT_TYPES, *QUANT_TYPES])
+        raise UsageError(f"Unknown quantization type '{name}'", hint=f"Choose from: {known}")
+    return q
+
+
+def is_k_quant(quant: str) -> bool:
+    return "_k" in quant
+
+
+@dataclass
+class QuantResult:
+    quant: str
+    path: Path
+    fallback_tensors: int
+    total_tensors: int
+    fallback_types: dict[str, int]  # fallback type -> count, e.g. {"q5_0": 14}
+    seconds: float
+
+
+def quantize_many(
+    f16_path: Path,
+    targets: dict[str, Path],
+    n_threads: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, QuantResult]:
+    """Quantize `f16_path` into each `targets[quant]` (temp file + rename each). One subprocess for all."""
+    if not targets:
+        return {}
+    for q in targets:
+        if q not in QUANT_TYPES:
+            raise UsageError(f"'{q}' is not a quantizer type", hint=f"Choose from: {', '.join(QUANT_TYPES)}")
+    size = f16_path.stat().st_size
+    need = sum(int(size * QUANT_TYPES[q][1] / 16) for q in targets)
+    check_free_space(next(iter(targets.values())).parent, need, "quantized GGUFs")
+    results: dict[str, QuantResult] = {}
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        parts = {q: stack.enter_context(atomic_path(p)) for q, p in targets.items()}
+        jobs = [{"quant": q, "ftype": QUANT_TYPES[q][0], "out": str(parts[q])} for q in targets]
+        cmd = [sys.executable, "-m", "care.export.quantize", str(f16_path), json.dumps(jobs),
+               str(n_threads or _default_threads())]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
+        assert proc.stdout is not None
+        current: str | None = None
+        tail: list[str] = []
+        fallback_types: dict[str, dict[str, int]] = {q: {} for q in targets}
+        for line in proc.stdout:
+            tail = [*tail[-50:], line.rstrip()]
+            if line.startswith("CARE-QUANT-START "):
+                current = line.split()[1]
+                continue
+            if line.startswith("CARE-QUANT-DONE "):
+                info = json.loads(line.split(" ", 1)[1])
+                q = info["quant"]
+                results[q] = QuantResult(q, targets[q], info["fallback"], info["total"], fallback_types[q],
+                                         info["seconds"])
+                continue
+            m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
+            if m and current and progress:
+                progress(current, int(m.group(1)), int(m.group(2)))
+            fb = re.search(r"falling back to\s+(\w+)", line)
+            if fb and current:
+                t = fb.group(1).lower()
+                fallback_types[current][t] = fallback_types[current].get(t, 0) + 1
+        rc = proc.wait()
+        if rc != 0 or len(results) != len(targets):
+            err = next((t for t in reversed(tail) if re.search(r"error|failed|exception", t, re.I)),
+                       tail[-1] if tail else "no output")
+            raise ExportError(f"llama.cpp's quantizer failed (exit {rc}): {err.strip()[:300]}", path=f16_path,
+                              hint="Check that the f16 GGUF loads (`care export verify`)")
+    for r in results.values():
+        if r.fallback_tensors:
+            log.info("%s: %d of %d tensors fell back from the %d-wide k-quant block to %s",
+                     r.quant.upper(), r.fallback_tensors, r.total_tensors, K_QUANT_BLOCK,
+                     ", ".join(f"{t} x{n}" for t, n in r.fallback_types.items()) or "another type")
+        make_readable(r.path)
+    return results
+
+
+def make_readable(path: Path) -> None:
+    """Temp files are created 0600; outputs are shared (Ollama's server often runs as another user)."""
+    if path.is_file():
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(path, 0o644 & ~mask)
+
+
+def _default_threads() -> int:
+    from care.runtime.engine import default_threads
+
+    return default_threads()
+
+
+def _worker(f16_path: str, jobs_json: str, n_threads: str) -> int:
+    """Subprocess body: quantize each job, printing markers the parent parses."""
+    import time
+
+    import llama_cpp
+
+    for job in json.loads(jobs_json):
+        _emit(f"CARE-QUANT-START {job['quant']}")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, job["ftype"])
+        params.nthread = int(n_threads)
+        t0 = time.perf_counter()
+        buf = _CaptureFallback()
+        with buf:
+            rc = llama_cpp.llama_model_quantize(f16_path.encode(), job["out"].encode(), params)
+        if rc != 0:
+            _emit(f"error: llama_model_quantize returned {rc} for {job['quant']}")
+            return 1
+        info = {"quant": job["quant"], "fallback": buf.fallback, "total": buf.total,
+                "seconds": round(time.perf_counter() - t0, 3)}
+        _emit("CARE-QUANT-DONE " + json.dumps(info))
+    return 0
+
+
+def _emit(line: str) -> None:
+    """Worker -> parent protocol line on stdout (not user output)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class _CaptureFallback:
+    # llama.cpp's per-tensor log is both our progress source and the fallback count.
+    """Reads llama.cpp's 'N of M tensor(s) required fallback quantization' line from the log callback."""
+
+    def __enter__(self):
+        import llama_cpp
+        from llama_cpp import _logger
+
+        self.fallback, self.total = 0, 0
+        outer = self
+
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):  # noqa: ARG001 - ctypes signature
+            line = text.decode("utf-8", "replace")
+            m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", line)
+            if m:
+                outer.fallback, outer.total = int(m.group(1)), int(m.group(2))
+            m = re.search(r"\[\s*\d+/\s*(\d+)\]", line)
+            if m:
+                outer.total = int(m.group(1))
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+        import ctypes
+
+        self._cb = callback
+        self._restore = _logger.llama_log_callback
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        import ctypes
+
+        import llama_cpp
+
+        llama_cpp.llama_log_set(self._restore, ctypes.c_void_p(0))
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(*sys.argv[1:4]))

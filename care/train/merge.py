@@ -1,0 +1,244 @@
+"""Merge a LoRA adapter into its base model, never into 4-bit weights, and verify the result.
+
+`merge_and_unload()` on an NF4 model re-quantizes the merged weights, and the 4-bit grid is coarser than the
+LoRA update: measured here, it erased a SmolLM2 fine-tune. Two sound ways instead:
+- reload: load the base in 16/32-bit and merge (the usual way);
+- dequantize: dequantize the NF4 base that was trained against and merge (reproduces the trained function).
+Both are checked against the adapter model (merged vs unmerged logits on held-out prompts: max abs diff and
+top-1 agreement; above tolerance is an error) and, for a QLoRA adapter, against the trained function itself
+(NF4 base + adapter), so the report says which method is closer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from care.errors import InvalidModelError, VerificationError
+from care.io import write_json
+
+log = logging.getLogger(__name__)
+
+MERGE_INFO = "care_merge.json"
+# Held-out prompts for the logit check (not from any training set).
+VERIFY_PROMPTS = [
+    "How do I reset my online banking password?",
+    "My phone shows no signal after the update. What should I do?",
+    "What are common symptoms of dehydration in children?",
+    "Can you explain what a credit limit is?",
+]
+END_OF_TURN = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class MergeReport:
+    method: str
+    out_dir: Path
+    max_abs_diff: float  # merged vs the same base + adapter, unmerged
+    top1_agreement: float
+    trained_max_abs_diff: float | None = None  # merged vs the trained function (NF4 base + adapter)
+    trained_top1_agreement: float | None = None
+    tolerance: float = 1e-3
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+def _read_info(adapter_dir: Path) -> dict[str, Any]:
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InvalidModelError("Not a LoRA adapter folder (no adapter_config.json)", path=adapter_dir,
+                                hint="Pass the adapter/ folder that `care train` wrote")
+    info_path = adapter_dir / "care_adapter.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if "base_model" not in info:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        info["base_model"] = cfg.get("base_model_name_or_path")
+    if not info.get("base_model"):
+        raise InvalidModelError("The adapter does not name its base model", path=adapter_dir,
+                                hint="Re-train with `care train` or fix base_model_name_or_path")
+    return info
+
+
+def _batch(tokenizer, prompts: list[str]):
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _logits(model, enc):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.float()
+    return out
+
+
+def compare(a, b, mask) -> tuple[float, float]:
+    """(max |a-b| over real tokens, share of real tokens whose argmax agrees)."""
+    m = mask.bool()
+    diff = (a - b).abs().amax(-1)[m].max().item()
+    agree = (a.argmax(-1) == b.argmax(-1))[m].float().mean().item()
+    return float(diff), float(agree)
+
+
+def _dequantized_base(base: str, quant: dict[str, Any]):
+    """The fp32 base whose Linear weights are exactly the dequantized NF4 weights trained against."""
+    import torch
+
+    from care.train.modeling import load_model
+
+    q = load_model(base, quant, quantize=True)
+    fp = load_model(base, quant, quantize=False, dtype=torch.float32)
+    modules = dict(fp.named_modules())
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    n = 0
+    for name, mod in q.named_modules():
+        if type(mod).__name__ == "Linear4bit":
+            w = dequantize_bnb_weight(mod.weight, state=mod.weight.quant_state).to(torch.float32)
+            target = modules[name]
+            with torch.no_grad():
+                target.weight.copy_(w.to(target.weight.device).reshape(target.weight.shape))
+            n += 1
+    log.info("dequantized %d NF4 linear layers", n)
+    return fp, q
+
+
+def _generation_config(model, tokenizer, base: str):
+    """Base generation config with every end-of-turn id the tokenizer knows added to eos_token_id."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(base)
+    except OSError:
+        gen = model.generation_config
+    eos = gen.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    vocab = tokenizer.get_vocab()
+    for tok in [tokenizer.eos_token, *END_OF_TURN]:
+        wanted = tok and tok in vocab and (tok == tokenizer.eos_token or tok in (tokenizer.chat_template or ""))
+        if wanted and vocab[tok] not in ids:
+            ids.append(vocab[tok])
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "reload", verify: bool = True,
+                  tolerance: float = 1e-3, prompts: list[str] | None = None) -> MergeReport:
+    """Merge `adapter_dir` into its base and save a standalone model in `out_dir`.
+
+    method: reload | dequantize | both (both: build and verify both, save the one closer to the trained
+    function). Raises VerificationError when the merged logits differ from the unmerged adapter model's by
+    more than `tolerance` (max abs) or top-1 agreement is below 99%."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from care.train.modeling import load_model
+
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    if method not in ("reload", "dequantize", "both"):
+        raise InvalidModelError(f"Unknown merge method {method!r}", hint="Use reload, dequantize or both")
+    info = _read_info(adapter_dir)
+    base = info["base_model"]
+    quantized = bool(info.get("quantized"))
+    quant = info.get("quant") or {}
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = _batch(tokenizer, prompts or VERIFY_PROMPTS)
+    mask = enc["attention_mask"]
+
+    trained_logits = None
+    methods = ["reload", "dequantize"] if method == "both" else [method]
+    if method == "dequantize" and not quantized:
+        log.info("adapter was trained without quantization: dequantize is the same as reload")
+        methods = ["reload"]
+    candidates = []
+    for m in methods:
+        if m == "dequantize":
+            fp, q = _dequantized_base(base, quant)
+            if trained_logits is None:
+                trained = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
+                trained_logits = _logits(trained, enc)
+                del trained
+            del q
+        else:
+            fp = load_model(base, quant, quantize=False, dtype=torch.float32)
+        peft_model = PeftModel.from_pretrained(fp, str(adapter_dir)).eval()
+        unmerged = _logits(peft_model, enc)
+        merged = peft_model.merge_and_unload().eval()
+        merged_logits = _logits(merged, enc)
+        diff, agree = compare(merged_logits, unmerged, mask)
+        cand = {"method": m, "max_abs_diff": diff, "top1_agreement": agree, "model": merged}
+        candidates.append(cand)
+    if quantized and trained_logits is None:
+        q = load_model(base, quant, quantize=True)
+        trained = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
+        trained_logits = _logits(trained, enc)
+        del trained, q
+    for cand in candidates:
+        if trained_logits is not None:
+            cand["trained_max_abs_diff"], cand["trained_top1_agreement"] = compare(
+                _logits(cand["model"], enc), trained_logits, mask)
+    chosen = min(candidates, key=lambda c: c.get("trained_max_abs_diff", c["max_abs_diff"]))
+    public = [{k: v for k, v in c.items() if k != "model"} for c in candidates]
+    report = MergeReport(method=chosen["method"], out_dir=out_dir, max_abs_diff=chosen["max_abs_diff"],
+                         top1_agreement=chosen["top1_agreement"],
+                         trained_max_abs_diff=chosen.get("trained_max_abs_diff"),
+                         trained_top1_agreement=chosen.get("trained_top1_agreement"), tolerance=tolerance,
+                         candidates=public)
+    for c in public:
+        log.info("merge %s: max|Δlogit| %.3g vs unmerged, top-1 %.3f; vs trained %s", c["method"],
+                 c["max_abs_diff"], c["top1_agreement"], c.get("trained_max_abs_diff"))
+    if verify:
+        for c in public:
+            if c["max_abs_diff"] > tolerance or c["top1_agreement"] < 0.99:
+                raise VerificationError(
+                    f"Merged model ({c['method']}) differs from the adapter model: max |Δlogit| "
+                    f"{c['max_abs_diff']:.3g} > {tolerance:g} or top-1 agreement {c['top1_agreement']:.3f} < 0.99",
+                    path=adapter_dir, hint="Check that the adapter matches its base model; nothing was saved")
+    _save(chosen["model"], tokenizer, base, adapter_dir, out_dir, info, report)
+    return report
+
+
+def _save(model, tokenizer, base: str, adapter_dir: Path, out_dir: Path, info: dict[str, Any],
+          report: MergeReport) -> None:
+    import torch
+
+    from care.io import check_free_space
+
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    check_free_space(out_dir.parent if not out_dir.exists() else out_dir, n_bytes, "merged model")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = model.to(torch.float32)
+    model.generation_config = _generation_config(model, tokenizer, base)
+    model.save_pretrained(str(tmp))
+    if info.get("chat_template"):  # the model's real template, never the training variant
+        tokenizer.chat_template = info["chat_template"]
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(str(tmp))
+    write_json(tmp / MERGE_INFO, {
+        "base_model": base,
+        "adapter": str(adapter_dir.resolve()),
+        "recipe_hash": info.get("recipe_hash"),
+        "recipe_name": info.get("recipe_name"),
+        "recipe_path": info.get("recipe_path"),
+        "trained_quantized": info.get("quantized"),
+        "eos_token_id": model.generation_config.eos_token_id,
+        "merge": report.to_dict() | {"out_dir": str(out_dir)},
+    })
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

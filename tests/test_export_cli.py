@@ -1,0 +1,111 @@
+"""`care export ...` from the command line, and fetching llama.cpp's converter (`care export setup`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from care.cli import main
+from care.errors import ExportError
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("gguf", "onnx", "verify", "setup"):
+        assert sub in out
+    with pytest.raises(SystemExit):
+        main(["export", "gguf", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--q4_k_m", "--q4_0", "--q5_k_m", "--q6_k", "--q8_0", "--f16", "--no-verify", "--name"):
+        assert flag in out
+
+
+def test_cli_gguf_end_to_end(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["export", "gguf", str(tiny_llama), "--out", str(out), "--f16", "--q4_0", "--threads", "1",
+               "--json", "--no-verify"])
+    assert rc == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["files"]) == {"f16", "q4_0"} and printed["verified"] is None
+    assert not (out / "verify.json").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["quant"] for f in manifest["files"]] == ["f16", "q4_0"]
+    # `care export verify FILE --source DIR` on its own, table on stdout, report saved.
+    rc = main(["export", "verify", printed["files"]["q4_0"], "--source", str(tiny_llama), "--threads", "1",
+               "--report", str(tmp_path / "r.json")])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "q4_0" in table and "pass" in table
+    assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+
+
+def test_cli_adapter_folder_one_line_error(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    rc = main(["export", "gguf", str(adapter), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "run `care merge` first" in err
+    rc = main(["export", "verify", str(adapter / "adapter_config.json"), "--source", str(adapter)])
+    assert rc == 2
+
+
+def _fake_sdist(path: Path, version: str) -> Path:
+    """A stand-in llama-cpp-python sdist: the converter files plus things that must not be extracted."""
+    root = f"llama_cpp_python-{version}"
+    files = {
+        f"{root}/vendor/llama.cpp/convert_hf_to_gguf.py": "print('converter')\n",
+        f"{root}/vendor/llama.cpp/conversion/__init__.py": "",
+        f"{root}/vendor/llama.cpp/gguf-py/gguf/__init__.py": "",
+        f"{root}/vendor/llama.cpp/src/llama.cpp": "// C++ source, not needed\n",
+        f"{root}/llama_cpp/__init__.py": "",
+    }
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
+    from care.export import converter
+
+    version = converter.llama_cpp_version()
+    target = tmp_path / "conv"
+    monkeypatch.setenv("CARE_CONVERTER_DIR", str(target))
+    sdist = _fake_sdist(tmp_path / f"llama_cpp_python-{version}.tar.gz", version)
+    assert converter.find_converter() is None
+    path = converter.setup_converter(sdist=sdist)
+    assert path == target and converter.find_converter() == target
+    assert (target / "convert_hf_to_gguf.py").is_file() and (target / "gguf-py" / "gguf").is_dir()
+    assert not (target / "src").exists() and not (target / "llama_cpp").exists()
+    # A converter from another llama-cpp-python version is not used (version-matched to libllama).
+    marker = json.loads((target / ".care-complete").read_text())
+    (target / ".care-complete").write_text(json.dumps(dict(marker, version="0.0.1")))
+    assert converter.find_converter() is None
+    with pytest.raises(ExportError):
+        converter.setup_converter(sdist=_fake_sdist(tmp_path / "llama_cpp_python-0.0.1.tar.gz", "0.0.1"))
+
+
+def test_setup_offline_is_one_clear_line(tmp_path):
+    """No PyPI: `care export setup` fails in one line that says how to fix it."""
+    env = dict(os.environ, CARE_CONVERTER_DIR=str(tmp_path / "conv"), PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="")
+    proc = subprocess.run([sys.executable, "-m", "care.cli", "export", "setup"], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 2
+    err = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert len(err) == 1 and "care export setup" in err[0] and "CARE_LLAMA_CPP_SDIST" in err[0]
+    assert not (tmp_path / "conv").exists()
