@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/care chat --once "How do I block a lost card?" --stats
+	$(BIN)/care demo
 
 # Default suite first, then the slow end-to-end pass (CI runs both). pytest exits 5 when a selection
 # collects nothing; that is not a failure here.

@@ -48,8 +48,8 @@ QUESTIONS: dict[str, str] = {
     "general": "I ordered a blue jacket but received a red one. What should I do?",
 }
 
-# ~0.9 epoch of the 87 balanced training rows at batch 4: the budget for 15 minutes on 2 CPU cores, where a
-# QLoRA step of SmolLM2-135M (bitsandbytes NF4 on CPU) takes ~20 s.
+# ~0.9 epoch of the 87 balanced training rows at batch 4. Measured on 2 CPU cores: ~8 s per QLoRA step
+# (bitsandbytes NF4 on CPU), the whole demo 3.4 min, leaving room in the 15-minute budget for slower machines.
 DEFAULT_STEPS = 20
 
 STAGES = ("train", "merge", "export", "before_after", "eval")
@@ -314,28 +314,6 @@ def before_after(base_gguf: Path, tuned_gguf: Path, questions: dict[str, str], *
     return rows
 
 
-def _test_file_as_jsonl(path: Path, out: Path) -> Path:
-    """care eval reads query/response JSON lines; the customer-service paper's files are JSON lists of
-    {text, completion}. Convert (only the field names change)."""
-    rows = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else None
-    if rows is None:
-        return path
-    if not isinstance(rows, list):
-        raise DataError("Test file must be a JSON list of {text, completion} objects", path=path,
-                        hint="Write it as [{\"text\": ..., \"completion\": ...}, ...]")
-    lines = []
-    for i, r in enumerate(rows, 1):
-        q = r.get("text", r.get("query")) if isinstance(r, dict) else None
-        a = r.get("completion", r.get("response")) if isinstance(r, dict) else None
-        if not q or not a:
-            raise DataError(f"Test file row {i} has no text/completion", path=path,
-                            hint="Each row needs non-empty `text` and `completion`")
-        lines.append(json.dumps({"id": str(r.get("id", i)), "query": q, "response": a}, ensure_ascii=False))
-    target = out / f"{path.stem}.jsonl"
-    write_text(target, "\n".join(lines) + "\n")
-    return target
-
-
 def run_eval(recipe: Recipe, base_gguf: Path, tuned_gguf: Path, out: Path, opts: PipelineOptions,
              reporter: Reporter) -> dict[str, Any]:
     """Base vs tuned on the recipe's eval section: `bench` (multiple choice) and/or `generate` sets."""
@@ -353,7 +331,7 @@ def run_eval(recipe: Recipe, base_gguf: Path, tuned_gguf: Path, out: Path, opts:
             if not cfg.get("test_file"):
                 raise ConfigError("eval.generate lists test_file but eval.test_file is not set", path=recipe.path,
                                   hint="Set eval.test_file to a text/completion JSON or query/response JSONL")
-            sets.append(str(_test_file_as_jsonl(recipe.resolve_path(cfg["test_file"]), out)))
+            sets.append(str(recipe.resolve_path(cfg["test_file"])))  # eval reads text/completion JSON
         else:
             sets.append(str(s))
     needs_shared = bool(benches) or any(s in ("pubmedqa", "medquad", "bitext") for s in sets)

@@ -50,24 +50,25 @@ def test_demo_recipe_is_care_on_the_shipped_samples():
 
 
 def test_customer_service_test_file_converts_for_care_eval(tmp_path):
-    from care.demo import SAMPLES_DIR, _test_file_as_jsonl
-    from care.eval.generation import load_user_jsonl
+    from care.demo import SAMPLES_DIR
+    from care.eval.generation import load_gen_set
 
     src = SAMPLES_DIR / "customer_service_test.json"
     rows = json.loads(src.read_text(encoding="utf-8"))
-    pairs = load_user_jsonl(_test_file_as_jsonl(src, tmp_path))
+    pairs = load_gen_set(str(src), None)
     assert [p["query"] for p in pairs] == [r["text"] for r in rows]
     assert [p["response"] for p in pairs] == [r["completion"] for r in rows]
 
 
 def test_bad_test_file_is_a_one_line_error(tmp_path):
-    from care.demo import _test_file_as_jsonl
     from care.errors import DataError
+    from care.eval.generation import load_gen_set
 
     bad = tmp_path / "test.json"
     bad.write_text(json.dumps([{"text": "hello", "completion": ""}]), encoding="utf-8")
-    with pytest.raises(DataError, match="row 1"):
-        _test_file_as_jsonl(bad, tmp_path)
+    with pytest.raises(DataError) as err:
+        load_gen_set(str(bad), None)
+    assert "test.json" in err.value.one_line() and len(err.value.one_line().splitlines()) == 1
 
 
 def _tiny_recipe(base: Path, source: str, steps: int = 2):

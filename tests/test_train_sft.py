@@ -81,11 +81,13 @@ def test_all_linear_per_architecture(tiny_llama, tiny_phi3):
     assert "qkv_proj" in err.value.one_line()
 
 
-def test_qlora_two_steps_writes_outputs(tmp_path, tiny_phi3):
+def test_qlora_two_steps_writes_outputs(tmp_path, tiny_phi3, capsys):
     from care.train.metrics import read_metrics
     from care.train.sft import train
 
     res = train(_recipe(tmp_path, tiny_phi3), tmp_path / "run")
+    # Metrics go to metrics.jsonl; transformers must not dump its log dicts on stdout.
+    assert "'loss'" not in capsys.readouterr().out
     out = res.output_dir
     assert res.metrics["global_step"] == 2 and res.metrics["quantized"] is True
     assert res.metrics["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]

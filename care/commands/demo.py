@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set training.max_steps=10 (repeatable)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps of the built-in demo (default 20, sized for 15 minutes on 2 CPU cores)")
+                        help="training steps of the built-in demo (default 20: ~3.5 min in all on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/demo-<timestamp>)")
     parser.add_argument("--eval-limit", type=int, default=None, help="items per benchmark (overrides the recipe)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation stage")

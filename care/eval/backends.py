@@ -218,15 +218,9 @@ class GGUFBackend(Backend):
 
     @property
     def quant_type(self) -> str:
-        ftype = (self.llm.metadata or {}).get("general.file_type")
-        if ftype is None:
-            return "unknown"
-        try:
-            import gguf
+        from care.runtime.engine import file_type_name
 
-            return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
-        except (ImportError, ValueError):
-            return f"ftype {ftype}"
+        return file_type_name(self.llm.metadata or {})
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "quant": self.quant_type}

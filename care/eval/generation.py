@@ -21,8 +21,8 @@ GEN_SETS = {
     "medquad": "MedQuAD consumer-health Q&A (medquad.normalized.jsonl.gz, pairs with answers)",
     "bitext": "Bitext customer-support sample: instruction -> response",
 }
-QUERY_KEYS = ("query", "question", "instruction", "prompt", "input")
-RESPONSE_KEYS = ("response", "answer", "reference", "output")
+QUERY_KEYS = ("query", "question", "instruction", "prompt", "input", "text")
+RESPONSE_KEYS = ("response", "answer", "reference", "output", "completion")
 
 
 def _pick(row: dict, keys: Sequence[str]) -> str | None:
@@ -55,12 +55,22 @@ def load_user_jsonl(path: Path) -> list[dict[str, Any]]:
     return pairs
 
 
+def _load_user_file(path: Path) -> list[dict[str, Any]]:
+    """JSON lists, CSV, Parquet or datasets folders: the training data readers already map their columns
+    (query/response, text/completion, instruction/output, messages), so eval reads them the same way."""
+    from care.train.readers import BadRows, read_source
+
+    records = read_source(path, None, BadRows(strict=True))
+    return [{"id": r.id, "query": r.query, "response": r.response, "domain": r.domain} for r in records]
+
+
 def load_gen_set(name: str, data_dir: Path | None, *, limit: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """Pairs {id, query, response, domain[, decision]} of a named set or a user's JSONL file."""
     path = Path(name)
     if name not in GEN_SETS:
         if path.is_file():
-            return subsample(load_user_jsonl(path), limit, seed)
+            pairs = load_user_jsonl(path) if path.name.endswith((".jsonl", ".jsonl.gz")) else _load_user_file(path)
+            return subsample(pairs, limit, seed)
         raise EvalError(f"Unknown generation set '{name}'",
                         hint=f"Choose from: {', '.join(GEN_SETS)}, or pass a JSONL file path")
     if data_dir is None:

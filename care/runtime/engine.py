@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,30 @@ class GenerationResponse:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def collect(chunks: Iterable[GenerationResponse]) -> GenerationResponse:
+    """Join a stream into one response: the final chunk's totals with the whole text."""
+    parts: list[str] = []
+    last = GenerationResponse(text="")
+    for chunk in chunks:
+        parts.append(chunk.text)
+        last = chunk
+    last.text = "".join(parts)
+    return last
+
+
+def file_type_name(metadata: dict[str, str]) -> str:
+    """A GGUF's dominant weight type (e.g. Q4_K_M) from its general.file_type metadata."""
+    ftype = metadata.get("general.file_type")
+    if ftype is None:
+        return "unknown"
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
+    except (ImportError, ValueError):
+        return f"ftype {ftype}"
 
 
 def default_threads() -> int:
@@ -169,15 +193,7 @@ class ChatEngine:
     @property
     def quant_type(self) -> str:
         """The file's dominant weight type, e.g. Q4_K_M, from general.file_type."""
-        ftype = self.metadata.get("general.file_type")
-        if ftype is None:
-            return "unknown"
-        try:
-            import gguf
-
-            return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
-        except (ImportError, ValueError):
-            return f"ftype {ftype}"
+        return file_type_name(self.metadata)
 
     def token_text(self, token_id: int) -> str:
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
@@ -343,13 +359,7 @@ class ChatEngine:
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
         """Generate a whole reply; returns the final chunk with the full text."""
-        parts: list[str] = []
-        last = GenerationResponse(text="")
-        for chunk in self.stream(messages, sampling):
-            parts.append(chunk.text)
-            last = chunk
-        last.text = "".join(parts)
-        return last
+        return collect(self.stream(messages, sampling))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -24,6 +24,7 @@ from care.runtime.engine import (
     GenerationResponse,
     Message,
     SamplingConfig,
+    collect,
 )
 
 log = logging.getLogger(__name__)
@@ -166,13 +167,7 @@ class OnnxChatEngine:
                                      elapsed_s=elapsed, dropped_turns=dropped)
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
-        parts: list[str] = []
-        last = GenerationResponse(text="")
-        for chunk in self.stream(messages, sampling):
-            parts.append(chunk.text)
-            last = chunk
-        last.text = "".join(parts)
-        return last
+        return collect(self.stream(messages, sampling))
 
     def close(self) -> None:
         self.model = None  # onnxruntime-genai frees on collection

@@ -72,6 +72,24 @@ def prepare_data(recipe: Recipe, tokenizer=None, strict: bool = False):
     return bundle
 
 
+def _quiet_log_printing(trainer: Any) -> None:
+    """Keep the tqdm bar (stderr, with ETA) but stop transformers writing each log dict to stdout:
+    metrics already go to metrics.jsonl, and `care demo` / `care train` stdout must stay readable."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _BarOnly(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            return None
+
+    handler = trainer.callback_handler
+    for cb in list(handler.callbacks):
+        if type(cb) is PrinterCallback:
+            handler.remove_callback(cb)
+        elif type(cb) is ProgressCallback:
+            handler.remove_callback(cb)
+            handler.add_callback(_BarOnly())
+
+
 # -- callbacks --------------------------------------------------------------------------------------------
 
 def _callbacks(metrics_path: Path, stop_flag: dict[str, Any], batch_samples: int):
@@ -282,6 +300,7 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
     finally:
         # Checkpoints and the adapter keep the model's real template (what it is served with).
         tokenizer.chat_template = original_template
+    _quiet_log_printing(trainer)
     t0 = time.perf_counter()
     with _Signals(flag):
         output = trainer.train(resume_from_checkpoint=last if last else None)
