@@ -48,17 +48,25 @@ def run_mc(models: Sequence[str], benches: str | Sequence[str], out: Path, *, da
                 "python": platform.python_version(), "complete": False,
                 "item_ids": {n: [it.id for it in its] for n, its in items.items()}}
     results = report.new_results("mc", settings)
+    return _run_models(models, results, Path(out), {n: len(items[n]) for n in names},
+                       lambda backend, name, tick: _score(backend, items[name], tick),
+                       threads=threads, n_ctx=n_ctx, progress=progress)
+
+
+def _run_models(models: Sequence[str], results: dict[str, Any], out: Path, sizes: dict[str, int],
+                run_one: Callable[[Backend, str, Callable[[int], None]], dict[str, Any]], *,
+                threads: int | None, n_ctx: int, progress: ProgressFactory) -> tuple[dict[str, Any], dict]:
+    """Open each model in turn, run every set on it, and rewrite results.json after each set, so an
+    interrupted run keeps what finished."""
     taken: set[str] = set()
-    out = Path(out)
     for spec in models:
         backend = open_backend(spec, threads=threads, n_ctx=n_ctx)
         try:
             label = _unique_label(backend, taken)
             results["models"].append(backend.describe())
             results["results"][label] = {}
-            for name in names:
-                tick = progress(f"{label} · {name}", len(items[name]))
-                results["results"][label][name] = _score(backend, items[name], tick)
+            for name, size in sizes.items():
+                results["results"][label][name] = run_one(backend, name, progress(f"{label} · {name}", size))
                 report.write_json(out / "results.json", results)
         finally:
             backend.close()
@@ -88,20 +96,7 @@ def run_generate(models: Sequence[str], sets: Sequence[str], out: Path, *, data_
                 "bertscore_note": metrics.BERTSCORE_NOTE if bertscore else None, "complete": False,
                 "item_ids": {s: [p["id"] for p in ps] for s, ps in pairs.items()}}
     results = report.new_results("generation", settings)
-    taken: set[str] = set()
-    out = Path(out)
-    for spec in models:
-        backend = open_backend(spec, threads=threads, n_ctx=n_ctx)
-        try:
-            label = _unique_label(backend, taken)
-            results["models"].append(backend.describe())
-            results["results"][label] = {}
-            for s in sets:
-                tick = progress(f"{label} · {s}", len(pairs[s]))
-                results["results"][label][s] = run_generation(backend, pairs[s], max_tokens=max_tokens,
-                                                              bertscorer=scorer, progress=tick)
-                report.write_json(out / "results.json", results)
-        finally:
-            backend.close()
-    results["settings"]["complete"] = True
-    return results, report.write_report(results, out)
+    return _run_models(models, results, Path(out), {s: len(pairs[s]) for s in sets},
+                       lambda backend, s, tick: run_generation(backend, pairs[s], max_tokens=max_tokens,
+                                                               bertscorer=scorer, progress=tick),
+                       threads=threads, n_ctx=n_ctx, progress=progress)
