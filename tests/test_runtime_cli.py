@@ -53,8 +53,66 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert rc == 0, stdout
     data = json.loads(out.read_text())
     (row,) = data["results"]
-    assert data["config"]["kv_type"] == "q8_0" and data["config"]["repack"] is False
-    assert row["n_ctx"] == 512 and row["type_k"] == "q8_0" and row["within_ceiling"] is True
+    from care.runtime.profiles import PROFILES
+
+    phone = PROFILES["phone"]
+    assert data["config"]["kv_type"] == "q8_0/q4_0" and data["config"]["repack"] is phone["repack"]
+    assert data["config"]["use_mmap"] is phone["use_mmap"] and data["config"]["ceiling_gb"] == 4.0
+    assert row["n_ctx"] == 512 and (row["type_k"], row["type_v"]) == ("q8_0", "q4_0")
+    assert row["within_ceiling"] is True and row["over_ceiling"] is False
     assert 0 < row["peak_rss_gb"] < 4 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
     assert row["load_s"] > 0 and abs(row["file_gb"] - 0.098) < 0.01
-    assert "decode tok/s" in stdout and "q8_0" in stdout
+    assert "decode tok/s" in stdout and "q8_0/q4_0" in stdout
+
+
+def test_bench_ceiling_stops_the_run_that_passes_it(tmp_path, capsys):
+    """The ceiling is enforced like a phone's low-memory killer: the child is stopped, the command exits 1."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--profile", "phone", "--threads", "1", "--n-ctx", "512", "--prompt-tokens", "32",
+               "--gen-tokens", "8", "--ceiling-gb", "0.08", "--json", str(out)])
+    stdout, err = capsys.readouterr()
+    assert rc == 1
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["over_ceiling"] is True and "passed the 0.08 GB ceiling" in row["error"]
+    assert row["peak_rss_gb"] > 0.08 and "decode_tok_s" not in row  # stopped before it could finish
+    assert "Over the 0.08 GB memory ceiling" in err and "> 0.08" in stdout
+
+
+def test_bench_kv_type_pair_and_no_mmap(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--threads", "1", "--n-ctx", "512", "--prompt-tokens", "32", "--gen-tokens", "8",
+               "--kv-type", "q8_0/q4_0", "--mmap", "off", "--repack", "on", "--json", str(out)])
+    capsys.readouterr()
+    assert rc == 0
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert (row["type_k"], row["type_v"], row["use_mmap"], row["repack"]) == ("q8_0", "q4_0", False, True)
+    assert data["config"]["flash_attn"] is True  # a quantized V cache needs it
+    assert main(["bench", "--kv-type", "q3_k", "--json", str(out)]) == 2
+    assert "Unknown KV-cache type 'q3_k'" in capsys.readouterr().err
+
+
+def test_chat_once_phone_profile_and_summarize_flag(capsys):
+    rc = main(["chat", "--once", "How do I top up my phone plan?", "--profile", "phone", "--context", "summarize",
+               "--stats", "--max-tokens", "12", "--temperature", "0", "--n-ctx", "512", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.strip() and "tok/s" in err
+
+
+def test_engine_config_from_profile_and_overrides():
+    import argparse
+
+    from care.commands.chat import add_arguments, engine_config_from_args
+    from care.runtime.profiles import PROFILES
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    phone = engine_config_from_args(parser.parse_args(["--profile", "phone", "--context", "summarize"]))
+    p = PROFILES["phone"]
+    assert (phone.type_k, phone.type_v, phone.repack, phone.use_mmap, phone.n_threads, phone.n_ctx) == (
+        p["type_k"], p["type_v"], p["repack"], p["use_mmap"], p["threads"], p["n_ctx"])
+    assert phone.flash_attn is True and phone.context_policy == "summarize"
+    laptop = engine_config_from_args(parser.parse_args(["--kv-type", "q4_0", "--threads", "3", "--n-ctx", "1024"]))
+    assert (laptop.type_k, laptop.type_v, laptop.flash_attn, laptop.n_threads, laptop.n_ctx) == (
+        "q4_0", "q4_0", True, 3, 1024)
+    assert laptop.repack is None and laptop.context_policy == "drop"

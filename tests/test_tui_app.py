@@ -499,3 +499,29 @@ def test_esc_before_the_first_word_leaves_no_empty_reply(store):
 
     chat_id = asyncio.run(run())
     assert [m.role for m in store.messages(chat_id)] == ["user"]
+
+
+def test_summarised_turns_show_a_note_that_is_saved_with_the_chat(store):
+    """--context summarize: the older turns of a resumed long chat are summarised, and the note says so."""
+    chat_id = store.new_chat("general", "FakeModel-1M")
+    for i in range(30):
+        store.add_message(chat_id, "user", f"question {i} about card {4410 + i}")
+        store.add_message(chat_id, "assistant", f"answer {i} about card {4410 + i}")
+    engine = FakeEngine(["card 4410 was charged twice", "Here is the answer."], n_ctx=300)
+    engine.config.context_policy = "summarize"
+    engine.config.summary_tokens = 20
+
+    async def run():
+        app = create_app(engine, store=store, resume=True)
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "and the newest one?")
+            notes = [w.render().plain for w in app.query(NoteMessage)]
+            assert any("summarised" in n and "card 4410 was charged twice" in n for n in notes), notes
+            assert app.query(AssistantMessage)[-1].source == "Here is the answer."
+
+    asyncio.run(run())
+    summary_call, reply_call = engine.calls
+    assert "question 0 about card 4410" in summary_call[-1]["content"]
+    assert reply_call[0]["content"].endswith("card 4410 was charged twice")
+    saved = [m.content for m in store.messages(chat_id) if m.role == "note"]
+    assert len(saved) == 1 and "card 4410 was charged twice" in saved[0]

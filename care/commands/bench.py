@@ -13,12 +13,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "no repacked weight copy, 4 GB ceiling (default: laptop)")
     parser.add_argument("--threads", type=int, default=None, help="override the profile's thread count")
     parser.add_argument("--n-ctx", type=int, nargs="+", default=None, help="context length(s), e.g. 2048 4096")
-    parser.add_argument("--kv-type", default=None, choices=["f16", "q8_0", "q4_0"], help="K and V cache type")
+    parser.add_argument("--kv-type", default=None, metavar="TYPE[/TYPE]",
+                        help="K/V cache type: f16, q8_0 or q4_0 for both, or K/V such as q8_0/q4_0")
     parser.add_argument("--repack", choices=["on", "off"], default=None,
                         help="llama.cpp's repacked weight copy (faster on some CPUs, costs RSS)")
     parser.add_argument("--ceiling-gb", type=float, default=None,
-                        help="memory ceiling in GB: a run whose peak RSS exceeds it is reported as over and "
-                             "the command exits 1")
+                        help="memory ceiling in GB (phone profile: 4): a run is stopped the moment its RSS passes "
+                             "it, as a phone's low-memory killer would, and the command exits 1; 0 turns it off")
+    parser.add_argument("--mmap", choices=["on", "off"], default=None,
+                        help="map the GGUF (on) or read it into memory (off); off with repack on avoids "
+                             "llama.cpp's duplicate weight copy")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--json", dest="json_out", default=None, metavar="PATH",
@@ -34,48 +38,59 @@ def run(args: argparse.Namespace) -> int:
     from care.io import write_json
     from care.models import resolve_gguf
     from care.runtime.bench import PROFILES, BenchConfig, physical_cores, run_isolated
+    from care.runtime.profiles import parse_kv_type
 
     model = resolve_gguf(args.model)
     prof = dict(PROFILES[args.profile])
     threads = args.threads or prof["threads"] or physical_cores()
     ceiling = args.ceiling_gb if args.ceiling_gb is not None else prof["ceiling_gb"]
-    kv = args.kv_type or prof["type_k"]
-    kv = None if kv == "f16" else kv
-    flash = True if kv else prof["flash_attn"]  # a quantized V cache needs flash attention in llama.cpp
+    ceiling = ceiling or None  # --ceiling-gb 0: no ceiling
+    type_k, type_v = parse_kv_type(args.kv_type) if args.kv_type else (prof["type_k"], prof["type_v"])
+    kv = type_k if type_k == type_v else f"{type_k or 'f16'}/{type_v or 'f16'}"
+    flash = True if type_v else prof["flash_attn"]  # a quantized V cache needs flash attention in llama.cpp
     repack = {"on": True, "off": False}.get(args.repack, prof["repack"])
+    mmap = {"on": True, "off": False}.get(args.mmap, prof["use_mmap"])
     err = Console(stderr=True)
     results = []
     for n_ctx in args.n_ctx or [prof["n_ctx"]]:
-        cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=kv, type_v=kv, flash_attn=flash,
-                          repack=repack, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+        cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=type_k, type_v=type_v, flash_attn=flash,
+                          repack=repack, use_mmap=mmap, prompt_tokens=args.prompt_tokens,
+                          gen_tokens=args.gen_tokens)
         err.print(f"[dim]measuring {model.name}: {threads} threads, n_ctx {n_ctx}, KV {kv or 'f16'}, "
-                  f"repack {'default' if repack is None else repack} ...[/dim]")
-        res = run_isolated(cfg)
-        if ceiling is not None and "peak_rss_gb" in res:
-            res["ceiling_gb"] = ceiling
-            res["within_ceiling"] = res["peak_rss_gb"] <= ceiling
-        results.append(res)
+                  f"repack {'default' if repack is None else repack}, mmap {mmap}"
+                  f"{f', ceiling {ceiling:g} GB' if ceiling else ''} ...[/dim]")
+        results.append(run_isolated(cfg, ceiling_gb=ceiling))
 
     table = Table(title=f"care bench: {model.name} ({args.profile} profile)")
-    for col in ("n_ctx", "threads", "KV", "repack", "load s", "TTFT s", "prefill tok/s", "decode tok/s",
+    for col in ("n_ctx", "threads", "KV", "repack", "mmap", "load s", "TTFT s", "prefill tok/s", "decode tok/s",
                 "peak RSS GB", "file GB"):
         table.add_column(col, justify="right")
     for r in results:
         if "error" in r:
-            table.add_row(str(r["n_ctx"]), str(r["threads"]), "-", "-", "error: " + r["error"][:60], *[""] * 5)
+            over = f"[red]> {ceiling:g}[/red]" if r.get("over_ceiling") else ""
+            table.add_row(str(r["n_ctx"]), str(r["threads"]), "-", "-", "-", "error: " + r["error"][:60],
+                          *[""] * 3, over, "")
             continue
         rss = f"{r['peak_rss_gb']:.2f}"
-        if r.get("within_ceiling") is False:
+        if r.get("over_ceiling"):
             rss = f"[red]{rss} > {ceiling:g}[/red]"
-        table.add_row(str(r["n_ctx"]), str(r["threads"]), r["type_k"], str(r["repack"]), f"{r['load_s']:.2f}",
+        table.add_row(str(r["n_ctx"]), str(r["threads"]), r["type_k"] if r["type_k"] == r["type_v"] else
+                      f"{r['type_k']}/{r['type_v']}", str(r["repack"]), "on" if r.get("use_mmap", True) else "off",
+                      f"{r['load_s']:.2f}",
                       f"{r['ttft_s']:.2f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", rss,
                       f"{r['file_gb']:.2f}")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     out = Path(args.json_out or f"bench-{model.stem}-{args.profile}.json")
     write_json(out, {"profile": args.profile, "config": {"threads": threads, "kv_type": kv or "f16",
-                     "flash_attn": flash, "repack": repack, "ceiling_gb": ceiling,
+                     "flash_attn": flash, "repack": repack, "use_mmap": mmap, "ceiling_gb": ceiling,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens}, "results": results})
     print(f"Saved {out}", file=sys.stderr)
-    if any("error" in r for r in results):
+    if any("error" in r and not r.get("over_ceiling") for r in results):
         return 1
-    return 1 if any(r.get("within_ceiling") is False for r in results) else 0
+    over = [r for r in results if r.get("over_ceiling")]
+    if over:
+        print(f"Over the {ceiling:g} GB memory ceiling at n_ctx {', '.join(str(r['n_ctx']) for r in over)}: "
+              "try --kv-type q4_0, a smaller --n-ctx or a smaller quantization", file=sys.stderr)
+        return 1
+    return 0
+

@@ -11,8 +11,17 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="a .gguf file, a folder with one, an ONNX folder from `care export onnx`, "
                         "or a known name "
                         "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--n-ctx", type=int, default=4096, help="context length in tokens (default 4096)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: idle physical cores)")
+    parser.add_argument("--profile", choices=["laptop", "phone"], default="laptop",
+                        help="device settings: laptop (llama.cpp defaults) or phone (2 threads, q8_0 KV cache, "
+                             "flash attention, no repacked weight copy; see `care bench`)")
+    parser.add_argument("--n-ctx", type=int, default=None, help="context length in tokens (default 4096)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: idle physical cores; phone profile: 2)")
+    parser.add_argument("--kv-type", default=None, metavar="TYPE[/TYPE]",
+                        help="KV-cache type: f16, q8_0, q4_0, or K/V such as q8_0/q4_0 (default: the profile's)")
+    parser.add_argument("--context", default="drop", choices=["drop", "summarize"],
+                        help="older turns that no longer fit the context: drop them (default) or summarize them "
+                             "with the model into the system prompt")
     parser.add_argument("--chat-template", default=None,
                         help="template for a GGUF that has none: chatml, phi3, llama3 or a Jinja file")
     parser.add_argument("--lora", default=None, help="a GGUF LoRA adapter to apply on top of the model")
@@ -44,15 +53,25 @@ def engine_config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
     from care.runtime.engine import EngineConfig, SamplingConfig
+    from care.runtime.profiles import parse_kv_type, profile
 
     template = args.chat_template
     if template and Path(template).is_file():
         template = Path(template).read_text(encoding="utf-8")
+    prof = profile(getattr(args, "profile", None) or "laptop")
+    kv = getattr(args, "kv_type", None)
+    type_k, type_v = parse_kv_type(kv) if kv else (prof["type_k"], prof["type_v"])
     return EngineConfig(
-        n_ctx=args.n_ctx,
-        n_threads=args.threads,
+        n_ctx=getattr(args, "n_ctx", None) or prof["n_ctx"],
+        n_threads=getattr(args, "threads", None) or prof["threads"],
+        type_k=type_k,
+        type_v=type_v,
+        flash_attn=True if type_v else prof["flash_attn"],  # llama.cpp needs it for a quantized V cache
+        repack=prof["repack"],
+        use_mmap=prof["use_mmap"],
+        context_policy=getattr(args, "context", None) or "drop",
         chat_template=template,
-        lora_path=args.lora,
+        lora_path=getattr(args, "lora", None),
         sampling=SamplingConfig(
             temperature=getattr(args, "temperature", 0.7),
             top_p=getattr(args, "top_p", 0.9),

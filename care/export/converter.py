@@ -44,7 +44,10 @@ WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 # Tokens llama.cpp's vocab loader looks up with .at() when general.name contains "phi3"/"phi-3": a name
 # like that on a model lacking them aborts the process (std::out_of_range).
 PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
-_EXTRACT_DIRS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "LICENSE")
+# models/ggml-vocab-phi-3.gguf: llama.cpp's vocab-only GGUF of the Phi-3 tokenizer (0.7 MB), so a
+# Phi-3.5-shaped benchmark model (bench/phone_profile.py) has the real 32,064-token vocabulary offline.
+PHI3_VOCAB = "models/ggml-vocab-phi-3.gguf"
+_EXTRACT_DIRS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "LICENSE", PHI3_VOCAB)
 _COMPLETE = ".care-complete"
 
 
@@ -80,6 +83,16 @@ def find_converter(version: str | None = None) -> Path | None:
         return None
     ok = marker.get("version") == version and (folder / "convert_hf_to_gguf.py").is_file()
     return folder if ok and (folder / "gguf-py" / "gguf" / "__init__.py").is_file() else None
+
+
+def phi3_vocab() -> Path:
+    """llama.cpp's Phi-3 vocabulary GGUF from the converter folder (`care export setup` extracts it)."""
+    folder = find_converter()
+    path = (folder or converter_dir()) / PHI3_VOCAB
+    if not path.is_file():
+        raise ModelNotFoundError("llama.cpp's Phi-3 vocabulary is not in the converter folder", path=path,
+                                 hint="Run `care export setup --force` to extract it from the llama-cpp-python sdist")
+    return path
 
 
 def _extract(sdist: Path, target: Path, version: str) -> None:

@@ -18,18 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError
+from care.runtime.profiles import PROFILES  # noqa: F401 - re-exported for `care bench`
 
 log = logging.getLogger(__name__)
-
-# Profiles for `care bench`. phone: 2 threads, a 4 GB ceiling; the KV/repack choices come from the
-# trade-off table of bench/phone_profile.py (README): q8_0 K/V + flash attention halve the KV cache at no
-# measured decode cost; no repacked weight copy saves its size in RSS.
-PROFILES: dict[str, dict[str, Any]] = {
-    "laptop": {"threads": None, "n_ctx": 4096, "ceiling_gb": None, "type_k": None, "type_v": None,
-               "flash_attn": None, "repack": None},
-    "phone": {"threads": 2, "n_ctx": 4096, "ceiling_gb": 4.0, "type_k": "q8_0", "type_v": "q8_0",
-              "flash_attn": True, "repack": False},
-}
 
 PROMPT_TEXT = (
     "A patient asks about managing type 2 diabetes at home: checking blood sugar, eating regular meals with "
@@ -96,6 +87,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
             "model": str(cfg.model), "file_gb": Path(cfg.model).stat().st_size / 1e9, "quant": engine.quant_type,
             "threads": threads, "n_ctx": engine.n_ctx, "type_k": cfg.type_k or "f16", "type_v": cfg.type_v or "f16",
             "flash_attn": cfg.flash_attn, "repack": cfg.repack if cfg.repack is not None else True,
+            "use_mmap": cfg.use_mmap,
             "load_s": engine.load_s, "prompt_tokens": last.prompt_tokens, "ttft_s": last.ttft_s,
             "prefill_tok_s": last.prompt_tokens / last.ttft_s, "gen_tokens": last.completion_tokens,
             "decode_tok_s": last.tokens_per_s, "peak_rss_gb": _peak_rss_bytes() / 1e9,
@@ -123,16 +115,62 @@ def _teacher_forced_argmax(engine, text: str, n: int) -> list[int]:
     return out
 
 
-def run_isolated(cfg: BenchConfig, timeout: float = 1800) -> dict[str, Any]:
-    """measure() in a fresh child process; returns its JSON result (or an `error` entry)."""
+def run_isolated(cfg: BenchConfig, timeout: float = 1800, ceiling_gb: float | None = None,
+                 poll_s: float = 0.02) -> dict[str, Any]:
+    """measure() in a fresh child process; returns its JSON result (or an `error` entry).
+
+    With `ceiling_gb` the child is held to it as a phone's low-memory killer would: its RSS is sampled every
+    `poll_s` and the run is stopped the moment it passes the ceiling (`over_ceiling: True`, with the RSS
+    seen). RLIMIT_AS is no substitute: it counts the whole mapped GGUF and the allocator's reservations, not
+    the memory in use, so it refuses models that fit."""
+    import tempfile
+
+    import psutil
+
     payload = json.dumps(asdict(cfg))
-    proc = subprocess.run([sys.executable, "-m", "care.runtime.bench", payload], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    limit = None if ceiling_gb is None else ceiling_gb * 1e9
+    # Output to files, not pipes: the parent only polls, so a chatty child can never block on a full pipe.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "care.runtime.bench", payload], stdout=out, stderr=err,
+                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seen = 0
+        t0 = time.monotonic()
+        try:
+            child = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                try:
+                    seen = max(seen, child.memory_info().rss)
+                except psutil.Error:  # exited between poll() and the sample
+                    break
+                if limit is not None and seen > limit:
+                    proc.kill()
+                    proc.wait()
+                    return {**asdict(cfg), "over_ceiling": True, "ceiling_gb": ceiling_gb, "peak_rss_gb": seen / 1e9,
+                            "error": f"stopped: RSS {seen / 1e9:.2f} GB passed the {ceiling_gb:g} GB ceiling"}
+                if time.monotonic() - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    return {**asdict(cfg), "error": f"no result within {timeout:.0f} s"}
+                time.sleep(poll_s)
+        except BaseException:
+            proc.kill()  # Ctrl-C in the parent: never leave a model-sized child behind
+            proc.wait()
+            raise
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        tail = (stderr or stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}, no output"]
         return {**asdict(cfg), "error": tail[0]}
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    if limit is not None:
+        # The child's own high-water mark also catches a spike shorter than one sampling interval.
+        result["ceiling_gb"] = ceiling_gb
+        result["over_ceiling"] = result["peak_rss_gb"] > ceiling_gb
+        result["within_ceiling"] = not result["over_ceiling"]
+    return result
 
 
 def _child(payload: str) -> int:

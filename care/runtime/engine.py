@@ -70,6 +70,10 @@ class EngineConfig:
     type_v: str | None = None
     flash_attn: bool | None = None
     repack: bool | None = None  # llama.cpp's repacked copy of quantized weights (faster matmuls, more RSS)
+    # What a conversation does with turns that no longer fit n_ctx (care.runtime.session): "drop" them, or
+    # "summarize" them with the model into a short summary that stays in the system prompt.
+    context_policy: str = "drop"
+    summary_tokens: int = 160  # the most tokens a summary may take
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 

@@ -3,31 +3,53 @@
 Front ends (the `--once` CLI, the Textual app, the server) drive a `ChatSession` and render what
 `send()` yields, in order: `SafetyNotice`s (before any model text), a `ContextNote` when older turns had
 to be left out, then the engine's streamed `GenerationResponse` chunks (the last has finish_reason).
+
+Turns that no longer fit the context are dropped, oldest first, or with `context="summarize"` folded into a
+rolling summary that the model writes and that rides in the system prompt (`ContextNote.summary`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from care.domains import DOMAINS, system_prompt
-from care.errors import UsageError
-from care.runtime.engine import ChatEngine, GenerationResponse, Message, SamplingConfig
+from care.errors import GenerationError, UsageError
+from care.runtime.engine import ChatEngine, GenerationResponse, Message, SamplingConfig, collect
 from care.runtime.safety import SafetyNotice, claims_clinician, load_rules
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChatSession", "ContextNote", "SafetyNotice", "SessionEvent"]
+__all__ = ["CONTEXT_POLICIES", "ChatSession", "ContextNote", "SafetyNotice", "SessionEvent"]
+
+CONTEXT_POLICIES = ("drop", "summarize")
+
+SUMMARY_SYSTEM = "You write short, factual summaries of support conversations."
+SUMMARY_INSTRUCTION = (
+    "Write a summary of the conversation above in at most {words} words, as notes for the assistant who "
+    "continues it. Keep names, numbers, dates, symptoms, medicines, doses, accounts, plans and what was "
+    "already advised or decided. Write only the summary."
+)
+SUMMARY_HEADER = "Summary of the earlier part of this conversation (those messages no longer fit):"
+_ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
+# Summaries by (model, conversation prefix), so the server, which gets the whole history with every request
+# and builds a new session for it, does not summarise the same turns again each time.
+_SUMMARY_CACHE: OrderedDict[str, str] = OrderedDict()
+_SUMMARY_CACHE_SIZE = 256
 
 
 @dataclass
 class ContextNote:
-    """Older turns were dropped to fit n_ctx."""
+    """Older turns were left out to fit n_ctx: dropped, or (context="summarize") replaced by `summary`."""
 
     dropped: int
     message: str
+    summary: str | None = None
 
 
 SessionEvent = SafetyNotice | ContextNote | GenerationResponse
@@ -42,8 +64,13 @@ class ChatSession:
 
     def __init__(self, engine: ChatEngine, domain: str = "general", system: str | None = None,
                  safety: bool = True, languages: tuple[str, ...] | None = None,
-                 sampling: SamplingConfig | None = None) -> None:
+                 sampling: SamplingConfig | None = None, context: str | None = None) -> None:
         self.engine = engine
+        config = getattr(engine, "config", None)
+        self.context = (context or getattr(config, "context_policy", None) or "drop").lower()
+        if self.context not in CONTEXT_POLICIES:
+            raise UsageError(f"Unknown context policy '{context}'", hint=f"Choose one of: {', '.join(CONTEXT_POLICIES)}")
+        self.summary_tokens = int(getattr(config, "summary_tokens", 160) or 160)
         self.safety = safety
         self.sampling = sampling
         self.rules = load_rules()
@@ -54,6 +81,9 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system or system_prompt(self._domain)}]
         self._cancelled = threading.Event()
         self._last_dropped = 0
+        self._summary: str | None = None  # rolling summary of the first `_summary_covered` non-system messages
+        self._summary_covered = 0
+        self._summary_key = ""
 
     # -- domain / system prompt ----------------------------------------------------------------------
     @property
@@ -91,18 +121,28 @@ class ChatSession:
         notices = self.rules.check(text, self.languages) if self.safety else []
         history = [*self.messages, {"role": "user", "content": text}]
         s = self.sampling or self.engine.config.sampling
+        prompt_history = self._prompt_messages(history)
         # Raises GenerationError (on the first next()) for a message that cannot fit; nothing is recorded.
-        kept, _, dropped = self.engine.fit(self._prompt_messages(history), s.max_tokens)
+        kept, _, dropped = self.engine.fit(prompt_history, s.max_tokens)
         yield from notices
-        if dropped and dropped != self._last_dropped:
-            yield ContextNote(dropped, f"{dropped} older message{'s' if dropped != 1 else ''} left out to fit "
-                                       f"the {self.engine.n_ctx}-token context.")
-        self._last_dropped = dropped
         self.messages.append({"role": "user", "content": text})
         parts: list[str] = []
         last: GenerationResponse | None = None
-        stream = self.engine.stream(kept, s)
+        stream: Iterator[GenerationResponse] | None = None
         try:
+            summary = None
+            if dropped and self.context == "summarize":
+                kept, dropped, summary = self._summarized(prompt_history, s.max_tokens, fallback=(kept, dropped))
+            if self._cancelled.is_set():  # stopped while summarising: no reply
+                last = GenerationResponse(text="", finish_reason="cancelled")
+                yield last
+                return
+            if dropped and dropped != self._last_dropped:
+                what = "summarised" if summary else "left out"
+                yield ContextNote(dropped, f"{dropped} older message{'s' if dropped != 1 else ''} {what} to fit "
+                                           f"the {self.engine.n_ctx}-token context.", summary)
+            self._last_dropped = dropped
+            stream = self.engine.stream(kept, s)
             for chunk in stream:
                 if self._cancelled.is_set() and chunk.finish_reason is None:
                     self.engine.cancel()
@@ -121,10 +161,99 @@ class ChatSession:
             last.dropped_turns = dropped
             yield last
         finally:
-            stream.close()  # releases the engine's lock now, not when the generator is collected
+            if stream is not None:
+                stream.close()  # releases the engine's lock now, not when the generator is collected
             # Recorded even when the consumer stops iterating (cancel in a UI, a closed HTTP stream).
             self.messages.append({"role": "assistant", "content": "".join(parts)})
 
+    # -- summaries of turns that no longer fit ---------------------------------------------------------
+    @property
+    def summary(self) -> str | None:
+        """The rolling summary of the turns left out so far (context="summarize"), if any."""
+        return self._summary
+
+    def _summarized(self, history: list[Message], max_tokens: int,
+                    fallback: tuple[list[Message], int]) -> tuple[list[Message], int, str | None]:
+        """Fit `history` by folding its oldest turns into the rolling summary.
+
+        Returns (messages for the model, number of messages summarised, summary). The summary rides in the
+        system message; when the summary and the newest turn cannot fit together, it falls back to dropping."""
+        system = history[0] if history and history[0]["role"] == "system" else None
+        rest = history[1:] if system else list(history)
+        keys = _prefix_keys(getattr(self.engine, "path", ""), rest)
+        if self._summary_covered > len(rest) or keys[self._summary_covered] != self._summary_key:
+            self._summary, self._summary_covered = None, 0  # the history changed under us (loaded, reset)
+        summary, covered = self._summary, self._summary_covered
+        try:
+            while True:
+                messages = [*_with_summary(system, summary), *rest[covered:]]
+                kept, _, more = self.engine.fit(messages, max_tokens)
+                if more == 0:
+                    break
+                # fit() keeps the system message, so what it left out are the oldest turns not yet summarised.
+                # Leave room for the new summary at its longest, so that one model call is usually enough.
+                try:
+                    reserve = _with_summary(system, "x " * self.summary_tokens)
+                    more = max(more, self.engine.fit([*reserve, *rest[covered:]], max_tokens)[2])
+                except GenerationError:
+                    pass  # no room for a full-length summary: summarise what must go, and see
+                target = covered + more
+                # A summary made earlier, here or by another session on the same turns, is reused.
+                for n in range(target, covered, -1):
+                    if keys[n] in _SUMMARY_CACHE:
+                        summary, covered = _SUMMARY_CACHE[keys[n]], n
+                        _SUMMARY_CACHE.move_to_end(keys[n])
+                        break
+                if covered < target:
+                    summary = self._summarize(summary, rest[covered:target])
+                    if self._cancelled.is_set():
+                        return fallback[0], fallback[1], None
+                    covered = target
+                    _SUMMARY_CACHE[keys[covered]] = summary
+                    while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
+                        _SUMMARY_CACHE.popitem(last=False)
+        except GenerationError as exc:
+            log.warning("the summary and the newest message do not fit together (%s); dropping instead", exc)
+            return fallback[0], fallback[1], None
+        self._summary, self._summary_covered, self._summary_key = summary, covered, keys[covered]
+        return kept, covered, summary
+
+    def _summarize(self, previous: str | None, turns: Sequence[Message]) -> str:
+        """One model call: the previous summary plus `turns`, condensed to at most summary_tokens tokens."""
+        words = max(5, int(self.summary_tokens * 0.6))  # ~0.6 words a token leaves room in summary_tokens
+        transcript = "\n".join(f"{_ROLE_NAMES.get(m['role'], m['role'])}: {m['content'].strip()}" for m in turns)
+        sampling = SamplingConfig(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.1, seed=0,
+                                  max_tokens=self.summary_tokens)
+        budget = self.engine.n_ctx - self.summary_tokens
+
+        def request(transcript: str) -> list[Message]:
+            head = f"Summary so far: {previous}\n\n" if previous else ""
+            return [{"role": "system", "content": SUMMARY_SYSTEM},
+                    {"role": "user", "content": f"{head}Conversation:\n{transcript}\n\n"
+                                                f"{SUMMARY_INSTRUCTION.format(words=words)}"}]
+
+        def n_tokens(messages: list[Message]) -> int:
+            return len(self.engine.tokenize(self.engine.render(messages)))
+
+        overhead = n_tokens(request(""))
+        for _ in range(6):  # a transcript longer than the context is cut from its start until it fits
+            messages = request(transcript)
+            n = n_tokens(messages)
+            if n <= budget:
+                break
+            room = (budget - overhead) / max(1, n - overhead)  # the share of the transcript that fits
+            keep = int(len(transcript) * room * 0.9)
+            transcript = "…" + transcript[-keep:] if keep > 0 else ""
+        else:
+            return previous or _digest(turns, words)
+        result = collect(self.engine.stream(messages, sampling))
+        text = result.text.strip()
+        if result.finish_reason == "length":  # cut at summary_tokens: end at the last whole sentence or line
+            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
+            if end >= len(text) // 2:
+                text = text[: end + 1].strip()
+        # A model that answers with nothing (tiny ones do) still leaves the user's own words behind.
+        return text or _digest(turns, words, previous)
     def _framing(self, reply: str) -> list[str]:
         """Medical answers end with the not-a-diagnosis line; a reply posing as a clinician is corrected."""
         extras = []
@@ -170,11 +299,13 @@ class ChatSession:
         self.messages = clean
         self._auto = self._auto and not any(m["role"] == "user" for m in clean)
         self._last_dropped = 0
+        self._summary, self._summary_covered, self._summary_key = None, 0, ""
 
     def reset(self) -> None:
         """A new conversation with the same domain and system prompt."""
         self.messages = self.messages[:1]
         self._last_dropped = 0
+        self._summary, self._summary_covered, self._summary_key = None, 0, ""
 
 
 def _check_domain(domain: str) -> str:
@@ -182,3 +313,27 @@ def _check_domain(domain: str) -> str:
     if name not in DOMAINS:
         raise UsageError(f"Unknown domain '{domain}'", hint=f"Choose one of: {', '.join(DOMAINS)}, auto")
     return name
+
+
+def _with_summary(system: Message | None, summary: str | None) -> list[Message]:
+    if not summary:
+        return [system] if system else []
+    head = (system["content"] + "\n\n") if system else ""
+    return [{"role": "system", "content": f"{head}{SUMMARY_HEADER}\n{summary}"}]
+
+
+def _prefix_keys(model: object, messages: Sequence[Message]) -> list[str]:
+    """keys[n] identifies (model, messages[:n]); a chained hash, so all of them cost one pass."""
+    h = hashlib.sha256(str(model).encode("utf-8"))
+    keys = [h.hexdigest()]
+    for m in messages:
+        h.update(json.dumps([m["role"], m["content"]], ensure_ascii=False).encode("utf-8"))
+        keys.append(h.copy().hexdigest())
+    return keys
+
+
+def _digest(turns: Sequence[Message], words: int, previous: str | None = None) -> str:
+    """A summary without the model: the user's own words, shortened (used when the model writes nothing)."""
+    said = [" ".join(m["content"].split()[:24]) for m in turns if m["role"] == "user" and m["content"].strip()]
+    text = " ".join(filter(None, [previous, *(f"The user said: {t}." for t in said)]))
+    return " ".join(text.split()[:words])

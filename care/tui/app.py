@@ -348,7 +348,12 @@ class CareChatApp(App[int]):
         self._mount_block(SafetyMessage(notice.message, notice.category))
 
     def _on_context(self, note: Any) -> None:
-        self._mount_block(NoteMessage(note.message))
+        text = note.message
+        if getattr(note, "summary", None):
+            text += f"\nWhat the model keeps of them: {note.summary}"
+        if self.chat_id is not None:  # saved with the chat, so a reopened conversation shows it too
+            self.store.add_message(self.chat_id, "note", text)
+        self._mount_block(NoteMessage(text))
 
     async def _on_chunk(self, chunk: Any) -> None:
         if self._reply_widget is None and chunk.text:  # no empty box for a reply stopped before its first word

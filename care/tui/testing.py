@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from care.errors import GenerationError
 from care.runtime.engine import EngineConfig, GenerationResponse, SamplingConfig
 
 
@@ -47,6 +48,8 @@ class FakeEngine:
         while len(self.tokenize(self.render(kept))) + max_tokens > self.n_ctx and len(kept) > 2:
             del kept[1]
             dropped += 1
+        if len(self.tokenize(self.render(kept))) + max_tokens > self.n_ctx:  # as ChatEngine.fit does
+            raise GenerationError("The message is too long for the context", hint="Shorten it")
         return kept, self.tokenize(self.render(kept)), dropped
 
     def stream(self, messages: Sequence[dict[str, str]], sampling: Any = None) -> Iterator[GenerationResponse]:

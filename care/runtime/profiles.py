@@ -1,0 +1,47 @@
+"""Device profiles: llama.cpp settings for a laptop and for a phone-class device (2 cores, <= 4 GB).
+
+Used by `care bench --profile`, `care chat --profile` and `care serve --profile`. The phone settings come
+from the trade-off table of bench/phone_profile.py (figures in the README).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # llama-cpp-python's own defaults, with the phone-sensible n_ctx and all idle physical cores.
+    "laptop": {"threads": None, "n_ctx": 4096, "ceiling_gb": None, "type_k": None, "type_v": None,
+               "flash_attn": None, "repack": None, "use_mmap": True},
+    # Measured on a Phi-3.5-mini-shaped Q4_K_M (2.40 GB) at n_ctx 4096, 2 threads (bench/phone_profile.py):
+    # raw llama-cpp-python defaults peak at 5.62 GB RSS (f16 KV 1.6 GB + repacked weights beside the mapping).
+    # K q8_0 / V q4_0 (needs flash attention) and the GGUF read into memory instead of mapped, so the repacked
+    # weights are the only copy: 3.15 GB, decode 1.00x the raw default's (median of 5 alternated rounds).
+    # Mapped without the repacked copy is as small (3.13 GB) and loads 10x faster but decodes ~9% slower;
+    # q8_0 for both stays over 3.2 GB (3.34); q4_0 for both fits (2.93) but costs next-token agreement.
+    "phone": {"threads": 2, "n_ctx": 4096, "ceiling_gb": 4.0, "type_k": "q8_0", "type_v": "q4_0",
+              "flash_attn": True, "repack": True, "use_mmap": False},
+}
+
+
+def profile(name: str) -> dict[str, Any]:
+    from care.errors import UsageError
+
+    try:
+        return dict(PROFILES[name])
+    except KeyError:
+        raise UsageError(f"Unknown profile '{name}'", hint=f"Choose one of: {', '.join(PROFILES)}") from None
+
+
+KV_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def parse_kv_type(value: str) -> tuple[str | None, str | None]:
+    """'q8_0' -> both; 'q8_0/q4_0' -> K q8_0, V q4_0; f16 -> None (llama.cpp's default)."""
+    from care.errors import UsageError
+
+    k, _, v = value.lower().partition("/")
+    v = v or k
+    for t in (k, v):
+        if t not in KV_TYPES:
+            raise UsageError(f"Unknown KV-cache type '{t}'", hint=f"Use {', '.join(KV_TYPES)} or K/V, e.g. q8_0/q4_0")
+    return (None if k == "f16" else k), (None if v == "f16" else v)
