@@ -76,6 +76,7 @@ def test_context_note_when_old_turns_are_dropped(embedded_gguf):
         assert len(notes) == 1 and notes[0].dropped > 0 and "256" in notes[0].message
         assert events[-1].dropped_turns == notes[0].dropped
         assert len(s.messages) == 23  # the full history is kept for saving; only the prompt is trimmed
+        assert s.context_used() <= engine.n_ctx  # the status bar counts what the model still sees
         with pytest.raises(GenerationError):
             list(s.send("long " * 500))
         assert s.messages[-1]["content"] != "long " * 500  # the refused message was not recorded

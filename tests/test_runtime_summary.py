@@ -162,5 +162,6 @@ def test_real_model_summarises_at_a_small_context(embedded_gguf):
         assert summary_requests and "4410" in summary_requests[0][-1]["content"]  # the oldest turn went there
         assert reply_request[0]["content"].endswith(note.summary)
         assert final.prompt_tokens + 24 <= engine.n_ctx
+        assert s.context_used() <= engine.n_ctx
     finally:
         engine.close()

@@ -146,7 +146,7 @@ def run_isolated(cfg: BenchConfig, timeout: float = 1800, ceiling_gb: float | No
                     proc.kill()
                     proc.wait()
                     return {**asdict(cfg), "over_ceiling": True, "ceiling_gb": ceiling_gb, "peak_rss_gb": seen / 1e9,
-                            "error": f"stopped: RSS {seen / 1e9:.2f} GB passed the {ceiling_gb:g} GB ceiling"}
+                            "error": f"stopped: RSS {seen / 1e9:.3f} GB passed the {ceiling_gb:g} GB ceiling"}
                 if time.monotonic() - t0 > timeout:
                     proc.kill()
                     proc.wait()

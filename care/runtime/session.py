@@ -214,6 +214,7 @@ class ChatSession:
                         _SUMMARY_CACHE.popitem(last=False)
         except GenerationError as exc:
             log.warning("the summary and the newest message do not fit together (%s); dropping instead", exc)
+            self._summary, self._summary_covered, self._summary_key = None, 0, ""
             return fallback[0], fallback[1], None
         self._summary, self._summary_covered, self._summary_key = summary, covered, keys[covered]
         return kept, covered, summary
@@ -248,6 +249,9 @@ class ChatSession:
             return previous or _digest(turns, words)
         result = collect(self.engine.stream(messages, sampling))
         text = result.text.strip()
+        for label in ("Summary:", "Conversation:"):  # small models start by echoing the request's labels
+            if text.startswith(label):
+                text = text[len(label):].strip()
         if result.finish_reason == "length":  # cut at summary_tokens: end at the last whole sentence or line
             end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
             if end >= len(text) // 2:
@@ -284,8 +288,16 @@ class ChatSession:
         self.engine.cancel()
 
     def context_used(self) -> int:
-        """Prompt tokens of the current history (with the generation prompt)."""
-        return len(self.engine.tokenize(self.engine.render(self._prompt_messages(self.messages))))
+        """Prompt tokens of the history as the model now sees it (with the generation prompt): after turns
+        were left out or summarised, what is still sent, so it never reads more than n_ctx for long."""
+        history = self._prompt_messages(self.messages)
+        system = history[0] if history and history[0]["role"] == "system" else None
+        rest = history[1:] if system else history
+        if self._summary and self._summary_covered <= len(rest):
+            history = [*_with_summary(system, self._summary), *rest[self._summary_covered:]]
+        elif self._last_dropped and self._last_dropped <= len(rest):
+            history = [*([system] if system else []), *rest[self._last_dropped:]]
+        return len(self.engine.tokenize(self.engine.render(history)))
 
     def load_messages(self, messages: list[Message]) -> None:
         """Restore a saved conversation; one without a system message keeps the current one."""
