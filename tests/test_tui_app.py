@@ -525,3 +525,28 @@ def test_summarised_turns_show_a_note_that_is_saved_with_the_chat(store):
     assert reply_call[0]["content"].endswith("card 4410 was charged twice")
     saved = [m.content for m in store.messages(chat_id) if m.role == "note"]
     assert len(saved) == 1 and "card 4410 was charged twice" in saved[0]
+
+
+def test_page_keys_in_the_input_scroll_the_conversation(store):
+    long_reply = "\n\n".join(f"Step {i}: do the thing number {i}." for i in range(40))
+    engine = FakeEngine([long_reply])
+
+    async def run():
+        app = create_app(engine, store=store, resume=False)
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "Tell me all the steps")
+            view = app.conversation
+            await wait_for(pilot, lambda: view.max_scroll_y > 0 and view.scroll_y == view.max_scroll_y)
+            bottom = view.scroll_y
+            await pilot.press("pageup")
+            await pilot.pause(0.05)
+            assert view.scroll_y < bottom and app.focused is app.query_one(ChatInput)
+            await pilot.press("h", "i")  # typing still goes to the input
+            assert app.query_one(ChatInput).text == "hi"
+            await pilot.press("pagedown")
+            await pilot.pause(0.05)
+            assert view.scroll_y > bottom - view.size.height
+            await pilot.press("pageup", "pageup", "ctrl+end")
+            await wait_for(pilot, lambda: view.scroll_y == view.max_scroll_y)
+
+    asyncio.run(run())

@@ -291,6 +291,16 @@ class CareChatApp(App[int]):
                 self.session.domain = self.domain
             self.session.load_messages(self.store.conversation(chat_id))
 
+    def on_chat_input_scroll_conversation(self, event: ChatInput.ScrollConversation) -> None:
+        view = self.conversation
+        if event.where == "page_up":
+            view.scroll_page_up(animate=False)
+        elif event.where == "page_down":
+            view.scroll_page_down(animate=False)
+        else:
+            self._following = True
+            view.scroll_end(animate=False)
+
     # -- sending -----------------------------------------------------------------------------------
     def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         if self.generating:

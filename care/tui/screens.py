@@ -19,6 +19,7 @@ HELP_TEXT = """\
  Enter            send the message
  Shift+Enter      new line (Ctrl+J in any terminal)
  Esc              stop the reply being written
+ PageUp/PageDown  scroll the conversation (Ctrl+End: back to the newest)
  F1               this help
  F2 / Ctrl+O      history: open, rename, delete, export chats
  F3 / Ctrl+T      switch domain (banking, telecom, medical, general)

@@ -16,6 +16,15 @@ class ChatInput(TextArea):
     class Submitted(Message):
         text: str
 
+    @dataclass
+    class ScrollConversation(Message):
+        """PageUp/PageDown/Ctrl+End pressed in the input: move the conversation, keep typing here."""
+
+        where: str  # "page_up", "page_down" or "end"
+
+    # The input is a few lines tall, so paging inside it is useless; the conversation is what one reads back.
+    SCROLL_KEYS = {"pageup": "page_up", "pagedown": "page_down", "ctrl+end": "end"}
+
     def __init__(self, **kwargs) -> None:
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
@@ -26,6 +35,11 @@ class ChatInput(TextArea):
             text = self.text
             if text.strip():
                 self.post_message(self.Submitted(text))
+            return
+        if event.key in self.SCROLL_KEYS:
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.ScrollConversation(self.SCROLL_KEYS[event.key]))
             return
         if event.key in ("shift+enter", "ctrl+j"):
             # Terminals send Ctrl+J for a newline; Shift+Enter arrives where the terminal reports it.
