@@ -29,6 +29,7 @@ from pathlib import Path
 from care.models import embedded_gguf
 from care.paths import cache_dir
 from care.runtime.bench import BenchConfig, run_isolated
+from care.runtime.profiles import PROFILES, kv_label, parse_kv_type
 
 
 def quantize(src: Path, dst: Path, ftype: str = "Q4_K_M", threads: int = 2) -> Path:
@@ -139,12 +140,6 @@ MEMORY_MODES = [(True, True), (False, True), (True, False)]
 KV_TYPES = ["f16", "q8_0", "q8_0/q4_0", "q4_0"]  # "K/V"; one name: both
 
 
-def _kv(spec: str) -> tuple[str | None, str | None]:
-    k, _, v = spec.partition("/")
-    v = v or k
-    return (None if k == "f16" else k), (None if v == "f16" else v)
-
-
 def raw_default(model: Path, n_ctx: int, threads: int, prompt_tokens: int, gen_tokens: int, agreement: int) -> dict:
     """llama-cpp-python's defaults: f16 KV, repacked weights beside the mmap, flash attention off."""
     cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, flash_attn=False,
@@ -154,7 +149,7 @@ def raw_default(model: Path, n_ctx: int, threads: int, prompt_tokens: int, gen_t
 
 def one(model: Path, n_ctx: int, kv: str, repack: bool, mmap: bool, threads: int, prompt_tokens: int,
         gen_tokens: int, agreement: int) -> dict:
-    type_k, type_v = _kv(kv)
+    type_k, type_v = parse_kv_type(kv)
     cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=type_k, type_v=type_v,
                       flash_attn=True, repack=repack, use_mmap=mmap, prompt_tokens=prompt_tokens,
                       gen_tokens=gen_tokens, agreement_tokens=agreement)
@@ -249,8 +244,6 @@ def main() -> None:
               "over 128 teacher-forced tokens)\n" + HEADER)
         results["smollm2_q4_0"] = table(q4, [2048, 4096], args.threads, 256, 64, 128)
     if args.phi35:
-        from care.runtime.profiles import PROFILES
-
         work = Path(args.work) if args.work else cache_dir() / "bench"
         work.mkdir(parents=True, exist_ok=True)
         q4 = work / "phi35-shaped.Q4_K_M.gguf"
@@ -263,7 +256,7 @@ def main() -> None:
                   + HEADER)
             results["phi35_shaped_q4_k_m"] = table(q4, [4096], args.threads, 128, 32, 0)
         phone = PROFILES["phone"]
-        kv = phone["type_k"] if phone["type_k"] == phone["type_v"] else f"{phone['type_k']}/{phone['type_v']}"
+        kv = kv_label(phone["type_k"], phone["type_v"])
         repack, mmap = phone["repack"], phone["use_mmap"]
         if args.check:
             kv, rp, mm = args.check.split(",")

@@ -9,8 +9,9 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default=None, help="a .gguf file or known name (default: embedded SmolLM2)")
     parser.add_argument("--profile", choices=["laptop", "phone"], default="laptop",
-                        help="laptop: all physical cores, n_ctx 4096; phone: 2 threads, n_ctx 4096, q8_0 KV cache, "
-                             "no repacked weight copy, 4 GB ceiling (default: laptop)")
+                        help="laptop: all physical cores, n_ctx 4096; phone: 2 threads, n_ctx 4096, K/V cache "
+                             "q8_0/q4_0, GGUF read into memory (one copy of the repacked weights), 4 GB ceiling "
+                             "(default: laptop)")
     parser.add_argument("--threads", type=int, default=None, help="override the profile's thread count")
     parser.add_argument("--n-ctx", type=int, nargs="+", default=None, help="context length(s), e.g. 2048 4096")
     parser.add_argument("--kv-type", default=None, metavar="TYPE[/TYPE]",
@@ -37,26 +38,26 @@ def run(args: argparse.Namespace) -> int:
 
     from care.io import write_json
     from care.models import resolve_gguf
-    from care.runtime.bench import PROFILES, BenchConfig, physical_cores, run_isolated
-    from care.runtime.profiles import parse_kv_type
+    from care.runtime.bench import BenchConfig, physical_cores, run_isolated
+    from care.runtime.profiles import kv_label, resolve
 
     model = resolve_gguf(args.model)
-    prof = dict(PROFILES[args.profile])
+    on_off = {"on": True, "off": False}
+    prof = resolve(args.profile, kv_type=args.kv_type, repack=on_off.get(args.repack),
+                   use_mmap=on_off.get(args.mmap))
     threads = args.threads or prof["threads"] or physical_cores()
     ceiling = args.ceiling_gb if args.ceiling_gb is not None else prof["ceiling_gb"]
     ceiling = ceiling or None  # --ceiling-gb 0: no ceiling
-    type_k, type_v = parse_kv_type(args.kv_type) if args.kv_type else (prof["type_k"], prof["type_v"])
-    kv = type_k if type_k == type_v else f"{type_k or 'f16'}/{type_v or 'f16'}"
-    flash = True if type_v else prof["flash_attn"]  # a quantized V cache needs flash attention in llama.cpp
-    repack = {"on": True, "off": False}.get(args.repack, prof["repack"])
-    mmap = {"on": True, "off": False}.get(args.mmap, prof["use_mmap"])
+    type_k, type_v, flash = prof["type_k"], prof["type_v"], prof["flash_attn"]
+    repack, mmap = prof["repack"], prof["use_mmap"]
+    kv = kv_label(type_k, type_v)
     err = Console(stderr=True)
     results = []
     for n_ctx in args.n_ctx or [prof["n_ctx"]]:
         cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=type_k, type_v=type_v, flash_attn=flash,
                           repack=repack, use_mmap=mmap, prompt_tokens=args.prompt_tokens,
                           gen_tokens=args.gen_tokens)
-        err.print(f"[dim]measuring {model.name}: {threads} threads, n_ctx {n_ctx}, KV {kv or 'f16'}, "
+        err.print(f"[dim]measuring {model.name}: {threads} threads, n_ctx {n_ctx}, KV {kv}, "
                   f"repack {'default' if repack is None else repack}, mmap {mmap}"
                   f"{f', ceiling {ceiling:g} GB' if ceiling else ''} ...[/dim]")
         results.append(run_isolated(cfg, ceiling_gb=ceiling))
@@ -74,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
         rss = f"{r['peak_rss_gb']:.2f}"
         if r.get("over_ceiling"):
             rss = f"[red]{rss} > {ceiling:g}[/red]"
-        table.add_row(str(r["n_ctx"]), str(r["threads"]), r["type_k"] if r["type_k"] == r["type_v"] else
-                      f"{r['type_k']}/{r['type_v']}", str(r["repack"]), "on" if r.get("use_mmap", True) else "off",
+        table.add_row(str(r["n_ctx"]), str(r["threads"]), kv_label(r["type_k"], r["type_v"]), str(r["repack"]),
+                      "on" if r.get("use_mmap", True) else "off",
                       f"{r['load_s']:.2f}",
                       f"{r['ttft_s']:.2f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", rss,
                       f"{r['file_gb']:.2f}")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     out = Path(args.json_out or f"bench-{model.stem}-{args.profile}.json")
-    write_json(out, {"profile": args.profile, "config": {"threads": threads, "kv_type": kv or "f16",
+    write_json(out, {"profile": args.profile, "config": {"threads": threads, "kv_type": kv,
                      "flash_attn": flash, "repack": repack, "use_mmap": mmap, "ceiling_gb": ceiling,
                      "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens}, "results": results})
     print(f"Saved {out}", file=sys.stderr)

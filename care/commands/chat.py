@@ -12,8 +12,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         "or a known name "
                         "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--profile", choices=["laptop", "phone"], default="laptop",
-                        help="device settings: laptop (llama.cpp defaults) or phone (2 threads, q8_0 KV cache, "
-                             "flash attention, no repacked weight copy; see `care bench`)")
+                        help="device settings: laptop (llama.cpp defaults) or phone (2 threads, K/V cache "
+                             "q8_0/q4_0 with flash attention, GGUF read into memory; see `care bench`)")
     parser.add_argument("--n-ctx", type=int, default=None, help="context length in tokens (default 4096)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: idle physical cores; phone profile: 2)")
@@ -53,20 +53,18 @@ def engine_config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
     from care.runtime.engine import EngineConfig, SamplingConfig
-    from care.runtime.profiles import parse_kv_type, profile
+    from care.runtime.profiles import resolve
 
     template = args.chat_template
     if template and Path(template).is_file():
         template = Path(template).read_text(encoding="utf-8")
-    prof = profile(getattr(args, "profile", None) or "laptop")
-    kv = getattr(args, "kv_type", None)
-    type_k, type_v = parse_kv_type(kv) if kv else (prof["type_k"], prof["type_v"])
+    prof = resolve(getattr(args, "profile", None) or "laptop", kv_type=getattr(args, "kv_type", None))
     return EngineConfig(
         n_ctx=getattr(args, "n_ctx", None) or prof["n_ctx"],
         n_threads=getattr(args, "threads", None) or prof["threads"],
-        type_k=type_k,
-        type_v=type_v,
-        flash_attn=True if type_v else prof["flash_attn"],  # llama.cpp needs it for a quantized V cache
+        type_k=prof["type_k"],
+        type_v=prof["type_v"],
+        flash_attn=prof["flash_attn"],
         repack=prof["repack"],
         use_mmap=prof["use_mmap"],
         context_policy=getattr(args, "context", None) or "drop",

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError
-from care.runtime.profiles import PROFILES  # noqa: F401 - re-exported for `care bench`
 
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,27 @@ def profile(name: str) -> dict[str, Any]:
 KV_TYPES = ("f16", "q8_0", "q4_0")
 
 
+def kv_label(type_k: str | None, type_v: str | None) -> str:
+    """'q8_0' when K and V match, else 'q8_0/q4_0'; None is llama.cpp's f16."""
+    k, v = type_k or "f16", type_v or "f16"
+    return k if k == v else f"{k}/{v}"
+
+
+def resolve(name: str, kv_type: str | None = None, repack: bool | None = None,
+            use_mmap: bool | None = None) -> dict[str, Any]:
+    """A profile's llama.cpp settings with the command line's overrides, for `care bench` and `care chat`."""
+    prof = profile(name)
+    if kv_type:
+        prof["type_k"], prof["type_v"] = parse_kv_type(kv_type)
+    if prof["type_v"]:
+        prof["flash_attn"] = True  # llama.cpp needs flash attention for a quantized V cache
+    if repack is not None:
+        prof["repack"] = repack
+    if use_mmap is not None:
+        prof["use_mmap"] = use_mmap
+    return prof
+
+
 def parse_kv_type(value: str) -> tuple[str | None, str | None]:
     """'q8_0' -> both; 'q8_0/q4_0' -> K q8_0, V q4_0; f16 -> None (llama.cpp's default)."""
     from care.errors import UsageError

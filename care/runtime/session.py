@@ -81,9 +81,7 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system or system_prompt(self._domain)}]
         self._cancelled = threading.Event()
         self._last_dropped = 0
-        self._summary: str | None = None  # rolling summary of the first `_summary_covered` non-system messages
-        self._summary_covered = 0
-        self._summary_key = ""
+        self._forget_summary()
 
     # -- domain / system prompt ----------------------------------------------------------------------
     @property
@@ -167,6 +165,11 @@ class ChatSession:
             self.messages.append({"role": "assistant", "content": "".join(parts)})
 
     # -- summaries of turns that no longer fit ---------------------------------------------------------
+    def _forget_summary(self) -> None:
+        self._summary: str | None = None  # rolling summary of the first `_summary_covered` non-system messages
+        self._summary_covered = 0
+        self._summary_key = ""  # _prefix_keys() of those messages, to notice a history changed under us
+
     @property
     def summary(self) -> str | None:
         """The rolling summary of the turns left out so far (context="summarize"), if any."""
@@ -182,7 +185,7 @@ class ChatSession:
         rest = history[1:] if system else list(history)
         keys = _prefix_keys(getattr(self.engine, "path", ""), rest)
         if self._summary_covered > len(rest) or keys[self._summary_covered] != self._summary_key:
-            self._summary, self._summary_covered = None, 0  # the history changed under us (loaded, reset)
+            self._forget_summary()  # the history changed under us
         summary, covered = self._summary, self._summary_covered
         try:
             while True:
@@ -214,7 +217,7 @@ class ChatSession:
                         _SUMMARY_CACHE.popitem(last=False)
         except GenerationError as exc:
             log.warning("the summary and the newest message do not fit together (%s); dropping instead", exc)
-            self._summary, self._summary_covered, self._summary_key = None, 0, ""
+            self._forget_summary()
             return fallback[0], fallback[1], None
         self._summary, self._summary_covered, self._summary_key = summary, covered, keys[covered]
         return kept, covered, summary
@@ -258,6 +261,7 @@ class ChatSession:
                 text = text[: end + 1].strip()
         # A model that answers with nothing (tiny ones do) still leaves the user's own words behind.
         return text or _digest(turns, words, previous)
+
     def _framing(self, reply: str) -> list[str]:
         """Medical answers end with the not-a-diagnosis line; a reply posing as a clinician is corrected."""
         extras = []
@@ -311,13 +315,13 @@ class ChatSession:
         self.messages = clean
         self._auto = self._auto and not any(m["role"] == "user" for m in clean)
         self._last_dropped = 0
-        self._summary, self._summary_covered, self._summary_key = None, 0, ""
+        self._forget_summary()
 
     def reset(self) -> None:
         """A new conversation with the same domain and system prompt."""
         self.messages = self.messages[:1]
         self._last_dropped = 0
-        self._summary, self._summary_covered, self._summary_key = None, 0, ""
+        self._forget_summary()
 
 
 def _check_domain(domain: str) -> str:
