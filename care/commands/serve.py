@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from care.commands.chat import add_engine_arguments, add_sampling_arguments, parse_languages
+from care.commands.chat import add_engine_arguments, add_sampling_arguments
+from care.runtime.loader import parse_languages
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +34,9 @@ def run(args: argparse.Namespace) -> int:
     require("starlette", "runtime")
     import uvicorn
 
-    from care.commands.chat import load_engine
+    from care.runtime.loader import load_from_args
 
-    engine = load_engine(args)
+    engine = load_from_args(args)
     try:
         app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang))
         shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
