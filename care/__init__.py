@@ -31,7 +31,7 @@ _EXPORTS = {
     # training and export (care[train], care[export]: torch)
     "Recipe": "care.train.config",
     "load_recipe": "care.train.config",
-    "train": "care.train.sft",
+    "train": "care.train",  # the package is callable: care.train(recipe, out_dir) runs care.train.sft.train
     "merge_adapter": "care.train.merge",
     "export_gguf": "care.export.gguf",
     "verify_gguf": "care.export.verify",
@@ -52,14 +52,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from care.runtime.session import ChatSession
     from care.train.config import Recipe, load_recipe
     from care.train.merge import merge_adapter
-    from care.train.sft import train
+    from care.train.sft import train  # at run time: the callable package care.train
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'care' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    imported = importlib.import_module(module)
+    value = imported if module == f"care.{name}" else getattr(imported, name)
     globals()[name] = value  # later look-ups skip this function
     return value
 
