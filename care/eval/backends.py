@@ -7,7 +7,6 @@ metrics) is greedy: transformers `generate` for HF, the runtime ChatEngine for G
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -17,18 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import EvalError, InvalidModelError, ModelNotFoundError, require
+from care.io import sha256_file
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def eval_threads() -> int:
