@@ -28,6 +28,7 @@ from care.runtime.backend import (  # re-exported: the names front ends imported
     SamplingConfig,
     collect,
 )
+from care.runtime.threads import default_threads  # re-exported: bench, eval and export import it from here
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +68,6 @@ def file_type_name(metadata: dict[str, str]) -> str:
         return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
     except (ImportError, ValueError):
         return f"ftype {ftype}"
-
-
-def default_threads() -> int:
-    """Idle physical cores. llama.cpp's workers spin-wait, so asking for a busy core stalls every token."""
-    env = os.environ.get("CARE_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        physical = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        physical = min(physical, len(os.sched_getaffinity(0)))
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, physical - busy)
 
 
 class ChatEngine(ContextBudget):
