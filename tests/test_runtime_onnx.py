@@ -82,6 +82,12 @@ def test_onnx_folder_in_the_tui_loader_the_model_list_and_bench(onnx_folder, tmp
         assert engine.info().backend == "onnx" and engine.n_ctx == 256
         reply = engine.generate([{"role": "user", "content": "How do I reset my router?"}])
         assert reply.finish_reason in ("stop", "length") and reply.completion_tokens >= 1
+        # eval's ONNX generation is the same engine, on the model eval already loaded for scoring
+        from care.eval.backends import ONNXBackend, open_backend
+
+        backend = open_backend(str(onnx_folder))
+        assert isinstance(backend, ONNXBackend)
+        assert backend.generate([{"role": "user", "content": "How do I reset my router?"}], 4) == reply.text.strip()
     finally:
         engine.close()
     assert onnx_folder.resolve() in local_gguf_files([onnx_folder.parent])
