@@ -141,6 +141,9 @@ def test_load_engine_picks_the_backend(embedded_gguf, tmp_path):
     (tmp_path / "genai_config.json").write_text("{}")
     with pytest.raises(CareError):  # an ONNX folder goes to the ONNX engine, which says what is wrong
         load_engine(tmp_path)
+    pytest.importorskip("onnxruntime_genai")
+    with pytest.raises(CareError, match="LoRA adapter"):  # refused by name, never silently ignored
+        load_engine(tmp_path, EngineConfig(lora_path="adapter.gguf"))
 
 
 def test_tui_does_not_import_the_cli():

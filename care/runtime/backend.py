@@ -40,6 +40,7 @@ class EngineConfig:
     n_batch: int = 512
     use_mmap: bool = True
     lora_path: str | None = None  # a GGUF LoRA adapter applied at load time (llama.cpp engine)
+    lora_scale: float = 1.0  # its strength (llama.cpp's lora_scale)
     chat_template: str | None = None  # a template name from NAMED_TEMPLATES or Jinja text; None: the model's
     type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
     type_v: str | None = None

@@ -101,6 +101,7 @@ class ChatEngine(ContextBudget):
                     n_batch=min(self.config.n_batch, self.config.n_ctx),
                     use_mmap=self.config.use_mmap,
                     lora_path=self.config.lora_path,
+                    lora_scale=self.config.lora_scale,
                     seed=self.config.sampling.seed if self.config.sampling.seed is not None else 0xFFFFFFFF,
                     verbose=bool(os.environ.get("CARE_DEBUG")),
                     **kwargs,
