@@ -68,6 +68,18 @@ THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "peft", "trl"
                        "torch", "torchao", "sentence_transformers", "onnxruntime", "urllib3", "filelock", "httpx")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and the TUI replace it between runs)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     debug = bool(os.environ.get("CARE_DEBUG"))
     level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
@@ -75,7 +87,7 @@ def _setup_logging(verbose: bool) -> None:
     # Periodic progress lines (care.progress) are for the user, not log records: plain text on stderr.
     progress = logging.getLogger("care.progress")
     if not progress.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         progress.addHandler(handler)
     progress.setLevel(logging.INFO)
