@@ -13,10 +13,17 @@ def test_line_progress_is_periodic_plain_lines(caplog, monkeypatch):
     clock = {"t": 100.0}
     monkeypatch.setattr("care.progress.time.monotonic", lambda: clock["t"])
     line = LineProgress("eval tuned · medqa", 10, every_s=15)
-    with caplog.at_level(logging.INFO, logger="care.progress"):
-        for i in range(1, 11):
-            clock["t"] += 4.0
-            line.advance(loss=1.0 / i)
+    logger = logging.getLogger("care.progress")
+    # The CLI stops it propagating to the root logger (where caplog listens): listen on it directly.
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="care.progress"):
+            for i in range(1, 11):
+                clock["t"] += 4.0
+                line.advance(loss=1.0 / i)
+    finally:
+        logger.removeHandler(caplog.handler)
     messages = [r.getMessage() for r in caplog.records]
     # 40 s of work, a line every 15 s at most, plus the final one
     assert len(messages) == 3 and messages[-1].startswith("eval tuned · medqa: 10/10")
