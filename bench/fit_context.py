@@ -16,8 +16,9 @@ from care.errors import GenerationError
 from care.runtime.backend import EngineConfig, SamplingConfig
 from care.runtime.loader import load_engine
 
-WORDS = ("the patient reports a mild headache since yesterday and asks whether paracetamol is safe with her "
-         "blood pressure tablets ").split()
+SENTENCE = ("the patient reports a mild headache since yesterday and asks whether paracetamol is safe with her "
+            "blood pressure tablets")
+WORDS = SENTENCE.split(" ")
 
 
 def old_fit(engine, messages, max_tokens):
