@@ -162,6 +162,9 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
                 out["stages"][stage] = json.loads(f.read_text())
             except ValueError:
                 out["stages"][stage] = {"unreadable": str(f)}
+    verify = work / "gguf" / "verify.json"  # the export's per-type figures (KL, top-1, perplexity, stop token)
+    if "export" in out["stages"] and verify.is_file():
+        out["stages"]["export"]["verify"] = json.loads(verify.read_text())
     times = work / "times.tsv"
     if times.is_file():
         out["stage_seconds"] = {ln.split("\t")[0]: float(ln.split("\t")[1]) for ln in times.read_text().splitlines()

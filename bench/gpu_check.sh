@@ -53,12 +53,12 @@ run_stage() {  # run_stage NAME CMD... : time it, log its stderr to WORK/NAME.lo
 }
 
 if [ "$SMOKE" = 1 ]; then
-  SIZE=(--steps 3 --batch 2 --max-length 128); CMP=(--steps 3 --batch 2 --max-length 128); MODEL=(--smoke)
+  SIZE=(--steps 3 --batch 2 --max-length 128); CMP=(--steps 3 --batch 2 --max-length 512); MODEL=(--smoke)
 else
   SIZE=(--steps 30 --batch 4 --max-length 1024); CMP=(--steps 20 --batch 4 --max-length 1024); MODEL=(--layers "$LAYERS")
 fi
 
-run_stage doctor sh -c "'$PY' -m care doctor --json > '$WORK/doctor.json'"
+run_stage doctor sh -c "'$PY' -m care.cli doctor --json > '$WORK/doctor.json'"
 run_stage model "$PY" bench/gpu_check.py model --work "$WORK" "${MODEL[@]}"
 run_stage train "$PY" bench/gpu_check.py train --work "$WORK" "${SIZE[@]}"
 run_stage compare "$PY" bench/gpu_check.py compare --work "$WORK" "${CMP[@]}"

@@ -6,6 +6,7 @@ install, which has no torch, still gets a report). Every problem carries a one-l
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -194,7 +195,8 @@ def host_cpu_flags() -> set[str]:
     return set(m.group(1).split()) if m else set()
 
 
-def _system_info_features() -> dict[str, bool]:
+@functools.lru_cache(maxsize=4)
+def _system_info_features(lib_stamp: tuple = ()) -> dict[str, bool]:  # noqa: ARG001 - lib_stamp: the cache key
     """The CPU features llama.cpp was compiled to use (its system info line), in a child process: loading the
     library is cheap, and a native build for another CPU that dies on an illegal instruction must not take the
     doctor down with it."""
@@ -208,7 +210,8 @@ def _system_info_features() -> dict[str, bool]:
     return {k: v == "1" for k, v in re.findall(r"([A-Z0-9_]+) = ([01])", res.stdout)}
 
 
-def _zmm_in(lib: Path) -> int | None:
+@functools.lru_cache(maxsize=4)
+def _zmm_in(lib: Path, lib_stamp: tuple = ()) -> int | None:  # noqa: ARG001 - lib_stamp: the cache key
     """AVX-512 (zmm register) instructions in a shared library, by objdump; None without objdump."""
     if not shutil.which("objdump"):
         return None
@@ -233,9 +236,11 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     out["lib_dir"] = str(lib_dir) if lib_dir else None
     variants = [n for n in libs if re.match(r"libggml-cpu-.+\.so", n)]
     host = host_cpu_flags()
+    # Both probes take a second or so; a process asking twice (tests) reuses them while the library is unchanged.
+    stamp = tuple((n, (lib_dir / n).stat().st_mtime_ns) for n in libs) if lib_dir else ()
     out["host_features"] = sorted(k for k, flag in CPU_FLAGS.items() if flag in host)
     try:
-        used = _system_info_features()
+        used = _system_info_features(stamp)
     except RuntimeError as exc:
         out["error"] = str(exc)
         _problem(report, "llama.cpp", f"the llama.cpp library does not load: {exc}",
@@ -245,7 +250,7 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     out["used_features"] = sorted(k for k in CPU_FLAGS if used.get(k))
     cpu_lib = lib_dir / "libggml-cpu.so" if lib_dir else None
     if cpu_lib is not None and cpu_lib.is_file() and not variants:
-        out["zmm_instructions"] = _zmm_in(cpu_lib)
+        out["zmm_instructions"] = _zmm_in(cpu_lib, stamp)
     build, missing, unused = classify_build(set(out["host_features"]), set(out["used_features"]), variants,
                                             out.get("zmm_instructions"))
     out["build"], out["unused_host_features"] = build, unused
