@@ -104,6 +104,8 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
             "data.balance=none", "data.dedupe=false", f"training.max_steps={args.steps}",
             f"training.batch={args.batch}", f"training.max_length={args.max_length}", "training.grad_accum=1",
             "training.logging_steps=1", f"training.save_steps={args.steps}", "training.warmup=0"]
+    if args.gradient_checkpointing:  # the recipe has it off; on if the 14 GB target is missed without it
+        sets.append("training.gradient_checkpointing=true")
     if not torch.cuda.is_available():
         sets.append("training.optim=adamw_torch")  # bitsandbytes' paged 8-bit optimizers need a GPU
     recipe = load_recipe(REPO / "recipes" / "care.yaml", overrides=sets)
@@ -120,6 +122,7 @@ def stage_train(args: argparse.Namespace) -> dict[str, Any]:
         "steps": res.metrics["global_step"], "batch": args.batch, "max_length": args.max_length,
         "lora": {k: recipe.lora[k] for k in ("r", "alpha", "dropout")}, "quant": recipe.quant,
         "optim": recipe.training["optim"], "precision": prec.to_dict(),
+        "gradient_checkpointing": bool(recipe.training.get("gradient_checkpointing")),
         "mixed_precision": res.metrics.get("mixed_precision"),
         "tokens_per_s": round(_steady_tokens_per_s(out / "metrics.jsonl"), 1),
         "first_loss": res.metrics.get("first_loss"), "last_loss": res.metrics.get("last_loss"),
@@ -192,6 +195,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--failed", default=None)
     args = p.parse_args()

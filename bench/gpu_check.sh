@@ -5,7 +5,7 @@
 #   merge -> export q4_k_m with verification.
 # Exits non-zero on the first failure, naming the stage; the JSON then holds every figure measured so far.
 #
-#   bench/gpu_check.sh [--out gpu_check.json] [--work DIR] [--layers 32] [--smoke]
+#   bench/gpu_check.sh [--out gpu_check.json] [--work DIR] [--layers 32] [--gradient-checkpointing] [--smoke]
 #
 # --smoke: every stage on the 2-layer test Phi-3, a few steps at 128 tokens, on a CPU (the script's own check,
 #          no figures worth quoting). Targets when run on a GPU: peak GPU memory <= 14 GB (the paper's 16 GB
@@ -14,13 +14,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-OUT=gpu_check.json WORK="" LAYERS=32 SMOKE=0
+OUT=gpu_check.json WORK="" LAYERS=32 SMOKE=0 GC=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --layers) LAYERS=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
+    --gradient-checkpointing) GC=(--gradient-checkpointing); shift ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
@@ -55,12 +56,12 @@ run_stage() {  # run_stage NAME CMD... : time it, log its stderr to WORK/NAME.lo
 if [ "$SMOKE" = 1 ]; then
   SIZE=(--steps 3 --batch 2 --max-length 128); CMP=(--steps 3 --batch 2 --max-length 512); MODEL=(--smoke)
 else
-  SIZE=(--steps 30 --batch 4 --max-length 1024); CMP=(--steps 20 --batch 4 --max-length 1024); MODEL=(--layers "$LAYERS")
+  SIZE=(--steps 30 --batch 4 --max-length 1024); CMP=(--steps 10 --batch 4 --max-length 1024); MODEL=(--layers "$LAYERS")
 fi
 
 run_stage doctor sh -c "'$PY' -m care.cli doctor --json > '$WORK/doctor.json'"
 run_stage model "$PY" bench/gpu_check.py model --work "$WORK" "${MODEL[@]}"
-run_stage train "$PY" bench/gpu_check.py train --work "$WORK" "${SIZE[@]}"
+run_stage train "$PY" bench/gpu_check.py train --work "$WORK" "${SIZE[@]}" ${GC[@]+"${GC[@]}"}
 run_stage compare "$PY" bench/gpu_check.py compare --work "$WORK" "${CMP[@]}"
 run_stage merge sh -c "'$PY' -m care.cli merge '$WORK/run/adapter' --out '$WORK/merged' > '$WORK/merge.json'"
 run_stage export sh -c "'$PY' -m care.cli export gguf '$WORK/merged' --out '$WORK/gguf' --q4_k_m --json > '$WORK/export.json'"
