@@ -48,6 +48,8 @@ STAGE_NEEDS: dict[str, dict[str, dict[str, float]]] = {
         "chat": {"ram_gb": 3.15, "disk_gb": 2.40},
     },
 }
+# care merge on a GPU: the fp32 base (15.3 GB) and the NF4 copy (~2.2 GB) both on the GPU (estimate).
+PHI35_MERGE_GPU_GB = 17.5
 NEEDS_SOURCE = ("estimates from parameter counts x bytes per weight (SmolLM2 0.135B, Phi-3.5-mini 3.82B; merge "
                 "and export verification hold an fp32 copy); Phi-3.5 chat figures measured (README: Q4_K_M 2.40 GB, "
                 "phone profile 3.15 GB peak RSS); Phi-3.5 train GPU figure is the 14 GB target, not a measurement")
@@ -103,6 +105,11 @@ def _torch_section(report: dict[str, Any], bnb_proc: subprocess.Popen | None) ->
             _problem(report, "gpu", f"GPU {i} has {entry['memory_gb']} GB; Phi-3.5-mini QLoRA at batch 4 x 1024 "
                      "targets <= 14 GB", "lower training.batch or max_length, or set "
                      "training.gradient_checkpointing: true")
+        if entry["memory_gb"] < PHI35_MERGE_GPU_GB:
+            _problem(report, "gpu", f"GPU {i} has {entry['memory_gb']} GB: merging Phi-3.5-mini there needs about "
+                     f"{PHI35_MERGE_GPU_GB} GB (care merge reloads the base in fp32 on the GPU beside the NF4 copy; "
+                     "estimate)", "merge on the CPU instead: CUDA_VISIBLE_DEVICES= care merge ... (needs ~18 GB RAM)",
+                     "info")
     report["gpus"] = gpus
     train_dev = devices[0]
     report["training_precision"] = {"device": train_dev.label()} | resolve_precision(train_dev, "auto").to_dict()
@@ -355,9 +362,15 @@ def resources_section(report: dict[str, Any]) -> None:
             row["short"] = short
             stages.append(row)
             if short and not (model.startswith("Phi") and stage == "train" and short == ["no GPU"]):
-                _problem(report, "resources", f"{model} {stage}: {'; '.join(short)} (estimate)",
-                         f"free {'memory' if ram is not None and need['ram_gb'] > ram else 'disk space'} or use a "
-                         f"bigger machine for this stage; CARE_HOME moves the cache to another disk", "info")
+                fixes = []
+                if ram is not None and need["ram_gb"] > ram:
+                    fixes.append(f"close other programs or run {stage} on a machine with >= {need['ram_gb']} GB RAM")
+                if need["disk_gb"] > disk:
+                    fixes.append(f"free {need['disk_gb'] - disk:.1f} GB or point CARE_HOME at a disk with room")
+                if "gpu_gb" in need and gpu_gb is None:
+                    fixes.append(f"train on a GPU with >= {need['gpu_gb']} GB")
+                _problem(report, "resources", f"{model} {stage}: {'; '.join(short)} (estimate)", "; ".join(fixes),
+                         "info")
     report["resources"] = {"ram_available_gb": round(ram, 2) if ram is not None else None,
                            "disk_free_gb": round(disk, 2), "disk_path": str(disk_at), "cpu_count": os.cpu_count(),
                            "stages": stages, "needs_are": "estimates", "needs_source": NEEDS_SOURCE}

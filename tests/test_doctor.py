@@ -76,7 +76,7 @@ def test_low_memory_flags_the_stages_that_do_not_fit(monkeypatch):
     assert ("Phi-3.5-mini (3.8B)", "merge") in short and ("Phi-3.5-mini (3.8B)", "chat") not in short
     assert ("embedded SmolLM2-135M", "train") not in short
     msgs = [p for p in report["problems"] if p["check"] == "resources"]
-    assert any("merge" in p["message"] and "RAM 4.0" in p["message"] and p["fix"] for p in msgs)
+    assert any("merge" in p["message"] and "RAM 4.0" in p["message"] and ">= 18.0 GB RAM" in p["fix"] for p in msgs)
 
 
 def test_runtime_only_mode_never_imports_torch():
@@ -108,3 +108,32 @@ def test_llama_cpp_build_classification(host, used, variants, zmm, kind, missing
 ])
 def test_torch_kernels_for_capability(arch_list, cap, ok):
     assert doctor.torch_has_kernels(arch_list, cap) is ok
+
+
+def test_simulated_p100_gets_fp16_and_fixes(monkeypatch):
+    """The GPU branch on a simulated Tesla P100 (6.0, 16 GB) with a torch build lacking sm_60 kernels and a
+    bitsandbytes check that fails there: fp16 + loss scaling, and a fix line for each problem."""
+    import subprocess as sp
+    from types import SimpleNamespace
+
+    import torch
+
+    p100 = SimpleNamespace(name="Tesla P100-PCIE-16GB", major=6, minor=0, total_memory=16 * 10**9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: p100)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    fail = ('import json; print(json.dumps({"version": "0.50.2", "device": "cuda", "works": False, '
+            '"error": "RuntimeError: no kernel image"}))')
+    monkeypatch.setattr(doctor, "_start_bnb_check", lambda device=None: sp.Popen(
+        [sys.executable, "-c", fail], stdout=sp.PIPE, stderr=sp.PIPE, text=True))
+    report = {"problems": []}
+    doctor._torch_section(report, None)
+    (gpu,) = report["gpus"]
+    assert gpu["capability"] == "6.0" and gpu["precision"]["compute"] == "float16"
+    assert gpu["precision"]["loss_scaling"] and report["training_precision"]["fp16"]
+    by_check = {(p["check"], p["severity"]): p for p in report["problems"]}
+    assert "cu126" in by_check[("gpu", "error")]["fix"]
+    assert "CUDA_VISIBLE_DEVICES=" in by_check[("gpu", "info")]["fix"]
+    assert "--no-quant" in by_check[("bitsandbytes", "error")]["fix"]
+    assert not any("targets <= 14 GB" in p["message"] for p in report["problems"])  # 16 GB is enough to train

@@ -58,11 +58,11 @@ def format_report(r: dict[str, Any]) -> list[str]:
     ram = f"{res['ram_available_gb']} GB RAM available" if res["ram_available_gb"] is not None else "RAM unknown"
     lines.append(f"resources   {ram}, {res['disk_free_gb']} GB free disk at {res['disk_path']}, "
                  f"{res['cpu_count']} CPUs")
-    lines.append("  needs (ESTIMATES, GB)      RAM    disk   fits")
+    lines.append("  needs (ESTIMATES, GB)      RAM   disk   GPU  fits here")
     for s in res["stages"]:
-        gpu = f" + GPU {s['gpu_gb']}" if "gpu_gb" in s else ""
-        lines.append(f"  {s['model'][:22]:<22} {s['stage']:<6} {s['ram_gb']:>5} {s['disk_gb']:>6}   "
-                     f"{'yes' if s['fits'] else 'no: ' + '; '.join(s['short'])}{gpu}")
+        gpu = str(s["gpu_gb"]) if "gpu_gb" in s else "-"
+        lines.append(f"  {s['model'][:22]:<22} {s['stage']:<6} {s['ram_gb']:>4} {s['disk_gb']:>6} {gpu:>5}  "
+                     f"{'yes' if s['fits'] else 'no: ' + '; '.join(s['short'])}")
     lines.append(f"  ({res['needs_source']})")
     if r["problems"]:
         lines.append("problems:")
