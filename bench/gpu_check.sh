@@ -6,6 +6,7 @@
 # Exits non-zero on the first failure, naming the stage; the JSON then holds every figure measured so far.
 #
 #   bench/gpu_check.sh [--out gpu_check.json] [--work DIR] [--layers 32] [--gradient-checkpointing] [--smoke]
+#                      [--carry .gpu_carry]   # on a machine without network: what bench/gpu_check_carry.sh made
 #
 # --smoke: every stage on the 2-layer test Phi-3, a few steps at 128 tokens, on a CPU (the script's own check,
 #          no figures worth quoting). Targets when run on a GPU: peak GPU memory <= 14 GB (the paper's 16 GB
@@ -14,15 +15,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-OUT=gpu_check.json WORK="" LAYERS=32 SMOKE=0 GC=()
+OUT=gpu_check.json WORK="" LAYERS=32 SMOKE=0 GC=() CARRY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
     --layers) LAYERS=$2; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
+    --carry) CARRY=$2; shift 2 ;;
     --gradient-checkpointing) GC=(--gradient-checkpointing); shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -44,6 +46,13 @@ on_exit() {
   fi
 }
 trap on_exit EXIT
+
+if [ -n "$CARRY" ]; then  # carried wheels and llama_cpp (bench/gpu_check_carry.sh); the machine is bare and lent
+  case "$CARRY" in /*) ;; *) CARRY="$REPO/$CARRY" ;; esac
+  STAGE=carry
+  "$PY" -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
+  export PYTHONPATH="$CARRY/site:$PYTHONPATH" CARE_CONVERTER_DIR="$CARRY/converter"
+fi
 
 run_stage() {  # run_stage NAME CMD... : time it, log its stderr to WORK/NAME.log
   STAGE=$1; shift
