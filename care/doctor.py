@@ -261,6 +261,10 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     build, missing, unused = classify_build(set(out["host_features"]), set(out["used_features"]), variants,
                                             out.get("zmm_instructions"))
     out["build"], out["unused_host_features"] = build, unused
+    if not host and platform.machine().lower() not in ("x86_64", "amd64"):
+        # The feature table is x86's; on Arm (NEON, SVE...) only the runtime-dispatch check above applies.
+        out["build"] = build if variants else f"not classified on {platform.machine()} (x86-64 only)"
+        return
     if missing:
         _problem(report, "llama.cpp", f"llama.cpp was built for {', '.join(missing)}, which this CPU lacks: "
                  "it will crash with an illegal instruction", "rebuild here: CMAKE_ARGS='-DGGML_NATIVE=ON' pip install "
