@@ -86,7 +86,7 @@ def worker_baseline(args) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from care.train.formatting import to_messages
-    from care.train.modeling import compute_dtype, load_tokenizer, resolve_base
+    from care.train.modeling import compute_dtype, load_tokenizer, precision, resolve_base
     from care.train.readers import Record
 
     base = resolve_base({"base": args.model})
@@ -108,10 +108,11 @@ def worker_baseline(args) -> dict:
             times.append(time.perf_counter())
 
     on_cpu = not torch.cuda.is_available()
+    prec = precision("auto")
     with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(output_dir=tmp, per_device_train_batch_size=args.batch, max_steps=args.steps,
                                   learning_rate=1e-4, report_to="none", save_strategy="no", use_cpu=on_cpu,
-                                  bf16=not on_cpu and compute_dtype("auto") == torch.bfloat16,
+                                  bf16=prec.bf16, fp16=prec.fp16,  # the rule ours uses (care/train/precision.py)
                                   logging_steps=10**6, disable_tqdm=True)
         from datasets import Dataset
 

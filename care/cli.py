@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "bench": "Measure load time, TTFT, tokens/s and peak RSS of a GGUF on this device",
     "demo": "The whole pipeline on the embedded SmolLM2: train, merge, export, before/after",
     "models": "List known models and where their files are",
+    "doctor": "What CARE Edge will do on this machine: precision, bitsandbytes, llama.cpp build, RAM/disk",
 }
 
 

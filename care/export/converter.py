@@ -430,8 +430,14 @@ def tokenizer_overrides(model_dir: Path, sentencepiece: bool) -> tuple[dict[str,
 
 
 def gguf_name(src: ModelSource, name: str | None) -> str:
-    base = name or src.provenance.get("name") or src.path.resolve().name
-    return safe_model_name(str(base), vocab_strings(src.path))
+    base = str(name or src.provenance.get("name") or src.path.resolve().name)
+    vocab = vocab_strings(src.path)
+    # llama.cpp picks Phi-3's special-token rules (rstrip after <|end|>, <|user|> ...) from general.name alone:
+    # a merged Phi-3.5 in a folder called e.g. `merged` would lose them and tokenize chat prompts unlike HF.
+    if (not name and src.llama_arch == "phi3" and not re.search(r"phi-?3", base, re.I)
+            and all(t in vocab for t in PHI3_NAME_TOKENS)):
+        base = f"phi3-{base}"
+    return safe_model_name(base, vocab)
 
 
 def provenance_kv(src: ModelSource) -> dict[str, str]:

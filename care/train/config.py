@@ -239,7 +239,9 @@ def recipe_from_dict(raw: dict[str, Any], smoke: bool = False, overrides: list[s
     for text in overrides or []:
         key, value = parse_override(text)
         set_dotted(merged, key, value)
-    extra = {k: v for k, v in merged.items() if k not in SECTIONS}
+    # `resolved` is what training decided on its machine (sft.py appends it to resolved_config.yaml): a record,
+    # not a setting, so a saved resolved config can be reused as a recipe with the same hash.
+    extra = {k: v for k, v in merged.items() if k not in SECTIONS and k != "resolved"}
     recipe = Recipe(**{s: merged[s] for s in SECTIONS}, path=path, extra=extra)
     validate(recipe)
     return recipe

@@ -21,19 +21,19 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def compute_dtype(name: str | None = "auto"):
-    """auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (no bf16 units here: fp32 is ~2x faster)."""
-    import torch
+def precision(name: str | None = "auto"):
+    """The resolved training precision on this machine's training device (rule: care/train/precision.py)."""
+    from care.train.precision import resolve_precision, training_device
 
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"Unknown compute dtype {name!r}", hint="Use auto, float32, bfloat16 or float16")
-    return table[name]
+    return resolve_precision(training_device(), name)
+
+
+def compute_dtype(name: str | None = "auto"):
+    """The torch dtype for quant.compute_dtype `name` on this machine: auto = bf16 only on GPUs with bf16 units
+    (capability >= 8.0, MI200/MI300), fp16 on older GPUs, fp32 on CPU (see care/train/precision.py)."""
+    from care.train.precision import torch_dtype
+
+    return torch_dtype(precision(name).compute)
 
 
 def _gguf_key(path: Path) -> str:

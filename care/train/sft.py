@@ -189,12 +189,10 @@ class _Signals:
 def _sft_config(recipe: Recipe, out: Path, has_val: bool, assistant_only: bool, max_steps: int | None):
     from trl import SFTConfig
 
-    from care.train.modeling import compute_dtype, device
+    from care.train.modeling import device, precision
 
     t = recipe.training
-    dtype = compute_dtype(recipe.quant.get("compute_dtype", "auto"))
-    import torch
-
+    prec = precision(recipe.quant.get("compute_dtype", "auto"))
     on_cpu = device() == "cpu"
     eval_steps = int(t.get("eval_steps") or 50)
     save_steps = int(t.get("save_steps") or eval_steps)
@@ -235,8 +233,8 @@ def _sft_config(recipe: Recipe, out: Path, has_val: bool, assistant_only: bool, 
         completion_only_loss=completion_only if not assistant_only else None,
         activation_checkpointing=bool(t.get("gradient_checkpointing", False)),
         use_cpu=on_cpu,
-        bf16=(not on_cpu) and dtype == torch.bfloat16,
-        fp16=(not on_cpu) and dtype == torch.float16,
+        bf16=prec.bf16,
+        fp16=prec.fp16,  # autocast + loss scaling over the float32 LoRA weights (peft autocast_adapter_dtype)
         report_to="none",
         dataloader_num_workers=0,
         # Off a terminal the bar would be hundreds of carriage-return frames in the log: _LineProgress instead.
@@ -342,6 +340,7 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
         "val_rows": len(val_recs),
         "target_modules": targets,
         "quantized": quantize,
+        "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
     }
     for k in ("tokens_per_s", "samples_per_s", "mean_token_accuracy"):
         vals = [r[k] for r in train_rows if k in r]
@@ -387,6 +386,24 @@ def _save_adapter(trainer, tokenizer, final: Path, recipe: Recipe, base: str, qu
     tmp.rename(final)
 
 
+def _resolved_precision(recipe: Recipe) -> str:
+    """Log the training precision once (with its warning, if any) and return it as a `resolved:` YAML block
+    for resolved_config.yaml (the recipe loader ignores that key)."""
+    import yaml
+
+    from care.train.precision import resolve_precision, training_device
+
+    dev = training_device()
+    prec = resolve_precision(dev, recipe.quant.get("compute_dtype", "auto"))
+    log.info("precision on %s: %s compute, %s LoRA weights, loss scaling %s (%s)", dev.label(), prec.compute,
+             prec.lora_weights, "on" if prec.loss_scaling else "off", prec.reason)
+    if prec.warning:
+        log.warning("%s", prec.warning)
+    block = {"resolved": {"device": dev.label(), "precision": prec.to_dict()}}
+    return "# What training decided on this machine (a record, not a setting):\n" + yaml.safe_dump(
+        block, sort_keys=False)
+
+
 def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, strict: bool = False,
           no_quant: bool = False, max_steps: int | None = None, callbacks: list | None = None) -> TrainResult:
     """Fine-tune per `recipe` into `out_dir`. Returns the adapter folder and final metrics."""
@@ -398,7 +415,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, strict: 
 
     if "CARE_THREADS" in os.environ:
         torch.set_num_threads(max(1, int(os.environ["CARE_THREADS"])))
-    write_text(out / "resolved_config.yaml", recipe.to_yaml())
+    write_text(out / "resolved_config.yaml", recipe.to_yaml() + _resolved_precision(recipe))
     base = resolve_base(recipe.model, recipe.resolve_path)
     tokenizer = load_tokenizer(base)
     if recipe.model.get("chat_template"):
