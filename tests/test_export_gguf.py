@@ -36,6 +36,10 @@ def test_files_manifest_and_hashes(llama_export):
     assert set(result.files) == {"f16", "q8_0", "q4_k_m"}
     manifest = json.loads(result.manifest_path.read_text())
     assert manifest["verified"] is True and manifest["source"]["provenance"] == MERGE_INFO
+    # Names and hashes, never this machine's paths: the folder is meant to be copied elsewhere.
+    assert manifest["source"]["name"] == src.name
+    for name in ("manifest.json", "export_config.json"):
+        assert str(src.resolve()) not in (out / name).read_text() and str(out.resolve()) not in (out / name).read_text()
     for entry in manifest["files"]:
         path = out / entry["file"]
         assert path.stat().st_size == entry["size"]
@@ -63,6 +67,9 @@ def test_gguf_metadata_name_template_tokens_provenance(llama_export):
     assert prov["care.source.adapter"] == MERGE_INFO["adapter"]
     assert prov["care.source.recipe_hash"] == MERGE_INFO["recipe_hash"]
     assert meta["file_type_name"] == "Q4_K_M"
+    assert prov["care.source.name"] == src.name and "care.source.path" not in prov
+    for path in result.files.values():  # the whole file, metadata included, holds no local path
+        assert str(src.resolve()).encode() not in path.read_bytes()
 
 
 def test_k_quant_fallback_is_counted_and_said(llama_export):

@@ -7,7 +7,6 @@ metrics) is greedy: transformers `generate` for HF, the runtime ChatEngine for G
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -17,18 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import EvalError, InvalidModelError, ModelNotFoundError, require
+from care.io import sha256_file
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def eval_threads() -> int:
@@ -252,14 +244,15 @@ class GGUFBackend(Backend):
         return out
 
     def generate(self, messages: Sequence[Message], max_tokens: int) -> str:
-        from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+        from care.runtime.backend import EngineConfig, SamplingConfig
+        from care.runtime.loader import load_engine
 
         if self._engine is None:
-            self._engine = ChatEngine(self.path, EngineConfig(
+            self._engine = load_engine(self.path, EngineConfig(
                 n_ctx=self.n_ctx, n_threads=self.threads,
                 sampling=SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)))
         sampling = SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)
-        return self._engine.chat(messages, sampling).text.strip()
+        return self._engine.generate(messages, sampling).text.strip()
 
     def close(self) -> None:
         if self._engine is not None:

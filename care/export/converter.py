@@ -437,10 +437,13 @@ def gguf_name(src: ModelSource, name: str | None) -> str:
 
 
 def provenance_kv(src: ModelSource) -> dict[str, str]:
-    """care.* GGUF keys describing where the weights came from (from care_merge.json)."""
-    kv = {"care.source.path": str(src.path.resolve()), "care.source.architecture": src.architecture}
-    prov = src.provenance
-    for key in ("base_model", "adapter", "recipe_hash"):
+    """care.* GGUF keys describing where the weights came from (from care_merge.json): names and hashes,
+    never this machine's paths (the GGUF is shared; care.export.manifest.public_provenance)."""
+    from care.export.manifest import public_provenance
+
+    kv = {"care.source.name": src.path.resolve().name, "care.source.architecture": src.architecture}
+    prov = public_provenance(src.provenance)
+    for key in ("base_model", "adapter", "recipe_hash", "recipe_name"):
         value = prov.get(key) or prov.get(f"{key}_path") or prov.get(f"{key}_id")
         if value:
             kv[f"care.source.{key}"] = str(value)

@@ -8,7 +8,6 @@ complete; manifest.json is written last, so a folder without it is an unfinished
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from care.export.converter import convert_to_gguf, inspect_model_dir, llama_cpp_version
+from care.export.manifest import file_records, public_name, source_record
+from care.export.manifest import manifest as make_manifest
 from care.export.quantize import (
     FLOAT_TYPES,
     K_QUANT_BLOCK,
@@ -50,14 +51,6 @@ class ExportResult:
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "model"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _primary(quants: Sequence[str]) -> str:
@@ -179,28 +172,22 @@ def export_gguf(
         others=[files[q].name for q in wanted if q != primary]))
 
     seconds["total"] = time.perf_counter() - t_start
-    manifest = {
-        "format": "care-export-gguf/1",
-        "name": model_name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"path": str(src.path.resolve()), "architecture": src.architecture,
-                   "provenance": src.provenance or None},
-        "converter": {"llama_cpp_python": llama_cpp_version(), "script": "convert_hf_to_gguf.py",
-                      "path": info.get("converter")},
-        "files": [
-            {"file": files[q].name, "quant": q, "size": files[q].stat().st_size, "sha256": sha256_file(files[q]),
-             "fallback_tensors": fallback.get(q, 0), "total_tensors": totals.get(q)}
-            for q in wanted
-        ],
-        "primary": files[primary].name,
-        "end_of_turn": {"id": eot[0], "token": eot[1]} if eot else None,
-        "notes": notes,
-        "verified": None if report is None else report["passed"],
-        "verify_report": "verify.json" if report is not None else None,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-    }
+    manifest = make_manifest(
+        "care-export-gguf/1",
+        source_record(src.path, src.architecture, src.provenance),
+        file_records([files[q] for q in wanted], **{files[q].name: {
+            "quant": q, "fallback_tensors": fallback.get(q, 0), "total_tensors": totals.get(q)} for q in wanted}),
+        name=model_name,
+        converter={"llama_cpp_python": llama_cpp_version(), "script": "convert_hf_to_gguf.py"},
+        primary=files[primary].name,
+        end_of_turn={"id": eot[0], "token": eot[1]} if eot else None,
+        notes=notes,
+        verified=None if report is None else report["passed"],
+        verify_report="verify.json" if report is not None else None,
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+    )
     write_json(out / "export_config.json", {
-        "model_dir": str(src.path.resolve()), "out_dir": str(out.resolve()), "quants": wanted, "verify": verify,
+        "model_dir": public_name(str(src.path.resolve())), "out_dir": public_name(str(out.resolve())), "quants": wanted, "verify": verify,
         "name": name, "n_threads": n_threads, "verify_kwargs": verify_kwargs or {}})
     manifest_path = write_json(out / "manifest.json", manifest)
     for path in (out / "export_config.json", out / "verify.json", modelfile, manifest_path):

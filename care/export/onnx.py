@@ -16,7 +16,6 @@ So int4 uses k_quant_mixed unless asked otherwise; int8 when quality matters mor
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import ExportError, UsageError, VerificationError, require
+from care.export.manifest import file_records, public_name, source_record
+from care.export.manifest import manifest as make_manifest
 from care.io import check_free_space, write_json
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,6 @@ class OnnxExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_onnx(
@@ -112,19 +105,16 @@ def export_onnx(
             seconds["verify"] = time.perf_counter() - t0
             write_json(build / "verify.json", report)
         files = sorted(p for p in build.iterdir() if p.is_file() and p.name != MARKER)
-        manifest = {
-            "format": "care-export-onnx/1",
-            "precision": precision,
-            "int4_algo": algo,
-            "source": {"path": str(src.path.resolve()), "architecture": src.architecture,
-                       "provenance": src.provenance or None},
-            "builder": {"onnxruntime_genai": _version("onnxruntime-genai"),
-                        "onnxruntime": _version("onnxruntime")},
-            "files": [{"file": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in files],
-            "verified": None if report is None else report["passed"],
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }
-        write_json(build / "export_config.json", {"model_dir": str(src.path.resolve()), "out_dir": str(out),
+        manifest = make_manifest(
+            "care-export-onnx/1", source_record(src.path, src.architecture, src.provenance), file_records(files),
+            precision=precision,
+            int4_algo=algo,
+            builder={"onnxruntime_genai": _version("onnxruntime-genai"), "onnxruntime": _version("onnxruntime")},
+            verified=None if report is None else report["passed"],
+            seconds={k: round(v, 2) for k, v in seconds.items()},
+        )
+        write_json(build / "export_config.json", {"model_dir": public_name(str(src.path.resolve())),
+                                                  "out_dir": public_name(str(out.resolve())),
                                                   "precision": precision, "int4_algo": algo, "verify": verify,
                                                   "n_threads": n_threads})
         write_json(build / MARKER, manifest)
