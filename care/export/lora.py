@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import ExportError, InvalidModelError, ModelNotFoundError
-from care.io import atomic_path, write_json, write_text
+from care.export.manifest import public_name as _public_name
+from care.io import atomic_path, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +168,6 @@ class BaseModel:
     name: str  # public name for metadata and the manifest: a hub id or a folder name, never a local path
     gguf: Path | None = None  # a ready GGUF of this base (the embedded model), used to verify when none is given
     source: str = ""  # where we found it
-
-
-def _public_name(value: str) -> str:
-    p = Path(value).expanduser()
-    return p.name if (p.is_absolute() or value.startswith((".", "~"))) else value
 
 
 def _hub_cache_dir(repo_id: str) -> Path | None:
@@ -477,7 +473,7 @@ def export_gguf_lora(
     """
     from care.errors import VerificationError
     from care.export.converter import end_of_turn_token, llama_cpp_version
-    from care.export.gguf import _hf_template_and_system, export_gguf, sha256_file
+    from care.export.gguf import _hf_template_and_system, export_gguf
     from care.export.modelfile import default_system_prompt, detect_format, render_modelfile
 
     t_start = time.perf_counter()

@@ -25,6 +25,12 @@ def load_engine(spec: str | os.PathLike[str] | None = None, config: EngineConfig
     if is_onnx_folder(spec):
         from care.runtime.onnx_engine import OnnxChatEngine
 
+        if config is not None and (config.adapters or config.lora_path):
+            from care.errors import UsageError
+
+            raise UsageError("LoRA adapters apply to GGUF models only, not ONNX folders",
+                             hint="Use --model BASE.gguf with --adapters, or drop --adapters")
+
         return OnnxChatEngine(spec, config)  # type: ignore[arg-type]
     from care.models import resolve_gguf
     from care.runtime.engine import ChatEngine
@@ -51,6 +57,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         context_policy=getattr(args, "context", None) or "drop",
         chat_template=template,
         lora_path=getattr(args, "lora", None),
+        adapters=_adapters(getattr(args, "adapters", None)),
         sampling=SamplingConfig(
             temperature=getattr(args, "temperature", 0.7),
             top_p=getattr(args, "top_p", 0.9),
@@ -60,6 +67,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_tokens=getattr(args, "max_tokens", 512),
         ),
     )
+
+
+def _adapters(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    from care.runtime.adapters import parse_adapters
+
+    return parse_adapters(value) or None
 
 
 def load_from_args(args: argparse.Namespace, spec: str | None = None) -> ChatBackend:
