@@ -62,9 +62,50 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries whose warnings a user of `care` cannot act on (bitsandbytes' "pip install kernels", deprecations
+# inside transformers/trl, ...): shown with -v or CARE_DEBUG, hidden otherwise.
+THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "peft", "trl", "accelerate", "huggingface_hub",
+                       "torch", "torchao", "sentence_transformers", "onnxruntime", "urllib3", "filelock", "httpx")
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and the TUI replace it between runs)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:  # noqa: ANN001
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
-    level = logging.DEBUG if os.environ.get("CARE_DEBUG") else (logging.INFO if verbose else logging.WARNING)
+    debug = bool(os.environ.get("CARE_DEBUG"))
+    level = logging.DEBUG if debug else (logging.INFO if verbose else logging.WARNING)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Periodic progress lines (care.progress) are for the user, not log records: plain text on stderr.
+    progress = logging.getLogger("care.progress")
+    if not progress.handlers:
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    from care.progress import on_terminal
+
+    if not on_terminal():
+        # A log file gets the periodic lines of care.progress, never tqdm's carriage-return frames.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    # One progress display per stage: no extra bars for each `datasets.map` inside training.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if verbose or debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.captureWarnings(True)  # Python warnings from libraries become log records, hidden below ERROR
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`care demo` and the pipeline behind it (care/demo.py)."""
+"""`care demo` and the pipeline behind it (care/pipeline/)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _sample_queries() -> set[str]:
-    from care.demo import SAMPLES_DIR
+    from care.pipeline import SAMPLES_DIR
 
     queries = set()
     for f in SAMPLES_DIR.glob("*.jsonl"):
@@ -25,7 +25,7 @@ def _sample_queries() -> set[str]:
 
 
 def test_before_after_questions_are_held_out():
-    from care.demo import QUESTIONS
+    from care.pipeline import QUESTIONS
 
     queries = _sample_queries()
     assert len(queries) > 100
@@ -34,7 +34,7 @@ def test_before_after_questions_are_held_out():
 
 
 def test_demo_recipe_is_care_on_the_shipped_samples():
-    from care.demo import DEFAULT_STEPS, demo_recipe
+    from care.pipeline import DEFAULT_STEPS, demo_recipe
     from care.train.data import build_data
 
     recipe = demo_recipe()
@@ -50,8 +50,8 @@ def test_demo_recipe_is_care_on_the_shipped_samples():
 
 
 def test_customer_service_test_file_converts_for_care_eval(tmp_path):
-    from care.demo import SAMPLES_DIR
     from care.eval.generation import load_gen_set
+    from care.pipeline import SAMPLES_DIR
 
     src = SAMPLES_DIR / "customer_service_test.json"
     rows = json.loads(src.read_text(encoding="utf-8"))
@@ -88,8 +88,8 @@ def _tiny_recipe(base: Path, source: str, steps: int = 2):
 
 
 def test_failed_stage_is_reported_and_nothing_is_removed(tmp_path, tiny_llama):
-    from care.demo import run_pipeline
     from care.errors import DataError
+    from care.pipeline import run_pipeline
 
     recipe = _tiny_recipe(tiny_llama, str(tmp_path / "missing.jsonl"))
     out = tmp_path / "run"
@@ -105,7 +105,7 @@ def test_failed_stage_is_reported_and_nothing_is_removed(tmp_path, tiny_llama):
 
 
 def test_ctrl_c_keeps_a_report_that_says_where_it_stopped(tmp_path, tiny_llama):
-    from care.demo import Reporter, run_pipeline
+    from care.pipeline import Reporter, run_pipeline
 
     class StopAtMerge(Reporter):
         def stage_start(self, index, total, name, description):
@@ -123,8 +123,8 @@ def test_ctrl_c_keeps_a_report_that_says_where_it_stopped(tmp_path, tiny_llama):
 
 
 def test_a_different_recipe_never_reuses_an_old_run(tmp_path, tiny_llama):
-    from care.demo import run_pipeline
     from care.errors import ConfigError
+    from care.pipeline import run_pipeline
 
     out = tmp_path / "run"
     out.mkdir()
@@ -137,7 +137,7 @@ def test_a_different_recipe_never_reuses_an_old_run(tmp_path, tiny_llama):
 def test_tiny_pipeline_end_to_end(tmp_path, tiny_llama):
     """The glue on a tiny random Llama: train, merge, export (the base gets exported too, since it is not
     the embedded GGUF), before/after through the runtime engine, report."""
-    from care.demo import PipelineOptions, run_pipeline
+    from care.pipeline import PipelineOptions, run_pipeline
 
     recipe = _tiny_recipe(tiny_llama, str(REPO / "care/data/samples/telecom.jsonl"))
     out = tmp_path / "run"
@@ -188,6 +188,10 @@ def test_care_demo_command(tmp_path):
     assert all(qa["before"] and qa["after"] for qa in report["before_after"])
     # stdout ends with the chat command (transformers' Trainer also prints its log dicts there)
     assert res.stdout.strip().splitlines()[-1].startswith("care chat --model ")
+    # Off a terminal: periodic one-line progress, no carriage-return frames, no warnings the user can't act on.
+    assert "\r" not in res.stderr and "\r" not in res.stdout
+    assert "train: step 2/2, loss" in res.stderr
+    assert "kernels" not in res.stderr and "FutureWarning" not in res.stderr
     tuned = Path(report["tuned_gguf"])
     assert tuned.name.endswith("q4_k_m.gguf")
     chat = subprocess.run([sys.executable, "-m", "care.cli", "chat", "--model", str(tuned), "--once",

@@ -59,10 +59,12 @@ def test_fit_is_linear_in_the_history():
     engine.calls_tokenize = engine.words_tokenized = 0
     engine._token_counts.clear()
     engine.fit(messages, 64)
-    # One tokenisation per message plus a few of the (n_ctx-sized) kept prompt; the old loop re-tokenised the
-    # whole remaining history once per dropped message (~19 x 60,000 words here).
+    # At most one tokenisation per message plus a few of the (n_ctx-sized) kept prompt; the old loop
+    # re-tokenised the whole remaining history once per dropped message (~19 x 30,000 words here). Turns that
+    # certainly cannot fit are not even counted: what is tokenised is what is kept, plus one turn.
     assert engine.calls_tokenize <= len(messages) + 4
     assert engine.words_tokenized <= total_words + 4 * engine.n_ctx
+    assert engine.words_tokenized <= 4 * 3003 + 2 * engine.n_ctx
 
 
 def test_fit_caches_message_counts_across_calls():
@@ -139,6 +141,9 @@ def test_load_engine_picks_the_backend(embedded_gguf, tmp_path):
     (tmp_path / "genai_config.json").write_text("{}")
     with pytest.raises(CareError):  # an ONNX folder goes to the ONNX engine, which says what is wrong
         load_engine(tmp_path)
+    pytest.importorskip("onnxruntime_genai")
+    with pytest.raises(CareError, match="LoRA adapter"):  # refused by name, never silently ignored
+        load_engine(tmp_path, EngineConfig(lora_path="adapter.gguf"))
 
 
 def test_tui_does_not_import_the_cli():

@@ -61,3 +61,39 @@ def test_onnx_folder_errors(tmp_path):
         OnnxChatEngine(tmp_path / "missing")
     with pytest.raises(InvalidModelError, match="genai_config"):
         OnnxChatEngine(tmp_path)
+
+
+@pytest.mark.slow
+def test_onnx_folder_in_the_tui_loader_the_model_list_and_bench(onnx_folder, tmp_path):
+    """The one loader: `care chat --model FOLDER` (the TUI's loader) and `care bench` take an ONNX folder."""
+    import argparse
+    import json
+
+    from care.cli import main
+    from care.commands.chat import add_arguments
+    from care.tui.app import loader_from_args
+    from care.tui.screens import local_gguf_files
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--model", str(onnx_folder), "--n-ctx", "256", "--max-tokens", "4", "--temperature", "0"])
+    engine = loader_from_args(args)(str(onnx_folder))
+    try:
+        assert engine.info().backend == "onnx" and engine.n_ctx == 256
+        reply = engine.generate([{"role": "user", "content": "How do I reset my router?"}])
+        assert reply.finish_reason in ("stop", "length") and reply.completion_tokens >= 1
+        # eval's ONNX generation is the same engine, on the model eval already loaded for scoring
+        from care.eval.backends import ONNXBackend, open_backend
+
+        backend = open_backend(str(onnx_folder))
+        assert isinstance(backend, ONNXBackend)
+        assert backend.generate([{"role": "user", "content": "How do I reset my router?"}], 4) == reply.text.strip()
+    finally:
+        engine.close()
+    assert onnx_folder.resolve() in local_gguf_files([onnx_folder.parent])
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(onnx_folder), "--n-ctx", "256", "--prompt-tokens", "16", "--gen-tokens", "4",
+               "--threads", "1", "--ceiling-gb", "0", "--json", str(out)])
+    result = json.loads(out.read_text())["results"][0]
+    assert rc == 0, result
+    assert result["backend"] == "onnx" and result["decode_tok_s"] > 0 and result["file_gb"] > 0

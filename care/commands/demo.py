@@ -30,7 +30,8 @@ def _reporter(console):
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from care.demo import Reporter
+    from care.pipeline import Reporter
+    from care.progress import LineProgress
 
     class RichReporter(Reporter):
         def stage_start(self, index, total, name, description):
@@ -49,6 +50,10 @@ def _reporter(console):
                                 title=escape(f"[{domain}] {question}"), title_align="left"))
 
         def step(self, what, done, total):
+            if not console.is_terminal:  # a log: periodic lines, no redrawn bar
+                lines = self.__dict__.setdefault("_lines", {})
+                lines.setdefault(what, LineProgress(what, total)).update(done)
+                return
             bars = self.__dict__.setdefault("_bars", {})
             if what not in bars:
                 progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -61,6 +66,9 @@ def _reporter(console):
                 progress.stop()
 
         def eval_progress(self, desc, total):
+            if not console.is_terminal:
+                line = LineProgress(desc, total)
+                return lambda n=1: line.advance(n)
             progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TimeRemainingColumn(), console=console, transient=False)
             task = progress.add_task(escape(desc), total=total)
@@ -82,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.syntax import Syntax
 
-    from care.demo import DEFAULT_STEPS, PipelineOptions, default_out_dir, demo_recipe, run_pipeline
     from care.errors import UsageError
+    from care.pipeline import DEFAULT_STEPS, PipelineOptions, default_out_dir, demo_recipe, run_pipeline
 
     console = Console(stderr=True)
     if args.recipe:

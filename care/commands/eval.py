@@ -57,7 +57,7 @@ def _data_dir(args: argparse.Namespace) -> Path | None:
 
 @contextlib.contextmanager
 def _progress():
-    """A rich progress bar per (model, set) with ETA, on stderr."""
+    """A rich progress bar per (model, set) with ETA on a terminal; off one (a log), periodic one-line progress."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -69,9 +69,17 @@ def _progress():
     )
 
     console = Console(stderr=True)
+    if not console.is_terminal:
+        from care.progress import LineProgress
+
+        def lines(desc: str, total: int):
+            line = LineProgress(desc, total)
+            return lambda n: line.advance(n)
+
+        yield lines
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not console.is_terminal
-                  ) as bar:
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console) as bar:
         def factory(desc: str, total: int):
             task = bar.add_task(desc, total=total)
             return lambda n: bar.advance(task, n)

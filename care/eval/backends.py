@@ -277,6 +277,7 @@ class ONNXBackend(Backend):
             raise InvalidModelError(f"onnxruntime-genai could not load the model: {exc}".splitlines()[0],
                                     path=self.path, hint="Re-export it with `care export onnx`") from exc
         self._og = og
+        self._engine: Any = None
 
     def model_files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if p.suffix in (".onnx", ".data", ".json") and p.is_file())
@@ -310,25 +311,15 @@ class ONNXBackend(Backend):
         return out
 
     def generate(self, messages: Sequence[Message], max_tokens: int) -> str:
-        import numpy as np
+        """Greedy, through the runtime's ONNX engine (care chat's code) on the model already loaded here."""
+        from care.runtime.backend import EngineConfig, SamplingConfig
+        from care.runtime.onnx_engine import OnnxChatEngine
 
-        og = self._og
-        template = None
-        try:
-            template = self.tokenizer.apply_chat_template(messages=__import__("json").dumps(list(messages)),
-                                                          add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001
-            raise EvalError(f"The ONNX tokenizer could not apply its chat template: {exc}", path=self.path) from exc
-        tokens = self.encode(template)
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(tokens) + max_tokens, do_sample=False)
-        gen = og.Generator(self.model, params)
-        gen.append_tokens(np.asarray(tokens, dtype=np.int32))
-        out: list[int] = []
-        while not gen.is_done() and len(out) < max_tokens:
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        return self.tokenizer.decode(np.asarray(out, dtype=np.int32)).strip()
+        sampling = SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)
+        if self._engine is None:
+            self._engine = OnnxChatEngine(self.path, EngineConfig(n_ctx=self.max_length, sampling=sampling),
+                                          loaded=(self.model, self.tokenizer))
+        return self._engine.generate(messages, sampling).text.strip()
 
 
 def parse_model_spec(spec: str) -> tuple[str | None, str]:

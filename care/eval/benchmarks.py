@@ -11,9 +11,10 @@ import csv
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from care.errors import DataError, EvalError
 
@@ -104,26 +105,32 @@ def _bad(path: Path, line: int | str, what: str, hint: str) -> DataError:
     return DataError(f"Wrong data format at {path.name}:{line}: {what}", path=path, hint=hint)
 
 
+def _json_lines(path: Path, hint: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of a JSON-lines file, read by the training data layer (care.train.readers)."""
+    from care.train.readers import iter_rows
+
+    for n, row in iter_rows(path, "jsonl"):
+        if not isinstance(row, dict):
+            raise _bad(path, n, "not a JSON object" if row is not None else "not JSON", hint)
+        yield n, row
+
+
 def load_medmcqa(data_dir: Path) -> list[MCItem]:
     """medmcqa/dev.json: JSON lines with opa..opd and cop (1-based correct option)."""
     path = _need(data_dir / "medmcqa" / "dev.json", "MedMCQA dev.json")
     hint = "Expected the official MedMCQA JSON lines (id, question, opa, opb, opc, opd, cop 1..4)"
     items = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                cop = int(row["cop"])
-                opts = [str(row[k]) for k in ("opa", "opb", "opc", "opd")]
-                question = str(row["question"])
-                rid = str(row.get("id") or f"medmcqa-{n}")
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise _bad(path, n, f"{type(exc).__name__} {exc}", hint) from exc
-            if not 1 <= cop <= 4:
-                raise _bad(path, n, f"cop={cop} is not 1..4", hint)
-            items.append(MCItem(rid, "medmcqa", row.get("subject_name") or "unknown", question, opts, cop - 1))
+    for n, row in _json_lines(path, hint):
+        try:
+            cop = int(row["cop"])
+            opts = [str(row[k]) for k in ("opa", "opb", "opc", "opd")]
+            question = str(row["question"])
+            rid = str(row.get("id") or f"medmcqa-{n}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(path, n, f"{type(exc).__name__} {exc}", hint) from exc
+        if not 1 <= cop <= 4:
+            raise _bad(path, n, f"cop={cop} is not 1..4", hint)
+        items.append(MCItem(rid, "medmcqa", row.get("subject_name") or "unknown", question, opts, cop - 1))
     return items
 
 
@@ -203,21 +210,17 @@ def load_medqa(path: Path) -> list[MCItem]:
                         hint="Pass the 4-option MedQA-USMLE jsonl with --medqa-file (it is not in ../shared/data)")
     hint = "Expected MedQA-USMLE 4-option JSON lines with question, options {A..D} and answer_idx"
     items = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                options = row["options"]
-                letters = sorted(options) if isinstance(options, dict) else list(LETTERS[: len(options)])
-                opts = [str(options[k]) for k in letters] if isinstance(options, dict) else [str(o) for o in options]
-                answer = letters.index(str(row["answer_idx"]).strip())
-                question = str(row["question"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise _bad(path, n, f"{type(exc).__name__} {exc}", hint) from exc
-            items.append(MCItem(str(row.get("id", f"medqa-{n}")), "medqa", row.get("meta_info") or "usmle",
-                                question, opts, answer))
+    for n, row in _json_lines(path, hint):
+        try:
+            options = row["options"]
+            letters = sorted(options) if isinstance(options, dict) else list(LETTERS[: len(options)])
+            opts = [str(options[k]) for k in letters] if isinstance(options, dict) else [str(o) for o in options]
+            answer = letters.index(str(row["answer_idx"]).strip())
+            question = str(row["question"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _bad(path, n, f"{type(exc).__name__} {exc}", hint) from exc
+        items.append(MCItem(str(row.get("id", f"medqa-{n}")), "medqa", row.get("meta_info") or "usmle",
+                            question, opts, answer))
     return items
 
 

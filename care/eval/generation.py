@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,23 +32,18 @@ def _pick(row: dict, keys: Sequence[str]) -> str | None:
 def load_user_jsonl(path: Path) -> list[dict[str, Any]]:
     hint = (f"Each line must be a JSON object with a query ({'/'.join(QUERY_KEYS)}) and a reference "
             f"({'/'.join(RESPONSE_KEYS)})")
+    from care.train.readers import iter_rows
+
     pairs = []
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"Wrong data format at {path.name}:{n}: not JSON ({exc.msg})", path=path,
-                                hint=hint) from exc
-            q, r = (_pick(row, QUERY_KEYS), _pick(row, RESPONSE_KEYS)) if isinstance(row, dict) else (None, None)
-            if q is None or r is None:
-                raise DataError(f"Wrong data format at {path.name}:{n}: no query/reference field", path=path, hint=hint)
-            pairs.append({"id": str(row.get("id", n)), "query": q, "response": r,
-                          "domain": row.get("domain") or "general", **({"decision": row["decision"]}
-                                                                      if "decision" in row else {})})
+    for n, row in iter_rows(path, "jsonl"):  # the training data layer: .gz, bad UTF-8 and blank lines handled
+        if row is None:
+            raise DataError(f"Wrong data format at {path.name}:{n}: not JSON", path=path, hint=hint)
+        q, r = (_pick(row, QUERY_KEYS), _pick(row, RESPONSE_KEYS)) if isinstance(row, dict) else (None, None)
+        if q is None or r is None:
+            raise DataError(f"Wrong data format at {path.name}:{n}: no query/reference field", path=path, hint=hint)
+        pairs.append({"id": str(row.get("id", n)), "query": q, "response": r,
+                      "domain": row.get("domain") or "general", **({"decision": row["decision"]}
+                                                                  if "decision" in row else {})})
     return pairs
 
 
@@ -89,13 +81,14 @@ def load_gen_set(name: str, data_dir: Path | None, *, limit: int | None = None, 
         if not files:
             raise DataError("Bitext CSV not found", path=data_dir / "bitext_customer_support",
                             hint="Point --data-dir at the datasets folder")
-        with files[0].open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not {"instruction", "response"} <= set(reader.fieldnames or []):
-                raise DataError("Wrong data format: the Bitext CSV has no instruction/response columns",
-                                path=files[0], hint="Use the official Bitext sample CSV")
-            pairs = [{"id": f"bitext-{n}", "query": r["instruction"], "response": r["response"], "domain": "general"}
-                     for n, r in enumerate(reader, 1)]
+        from care.train.readers import iter_rows
+
+        rows = [row for _, row in iter_rows(files[0], "csv")]
+        if not rows or not {"instruction", "response"} <= set(rows[0]):
+            raise DataError("Wrong data format: the Bitext CSV has no instruction/response columns",
+                            path=files[0], hint="Use the official Bitext sample CSV")
+        pairs = [{"id": f"bitext-{n}", "query": r["instruction"], "response": r["response"], "domain": "general"}
+                 for n, r in enumerate(rows, 1)]
     return subsample(pairs, limit, seed)
 
 

@@ -43,6 +43,7 @@ class EngineConfig:
     n_batch: int = 512
     use_mmap: bool = True
     lora_path: str | None = None  # a GGUF LoRA adapter applied at load time (llama.cpp engine)
+    lora_scale: float = 1.0  # its strength (llama.cpp's lora_scale)
     adapters: dict[str, str] | None = None  # name -> GGUF LoRA, loaded once, switched per request (llama.cpp)
     chat_template: str | None = None  # a template name from NAMED_TEMPLATES or Jinja text; None: the model's
     type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
@@ -127,9 +128,10 @@ class ContextBudget:
     """The context budget and the shared conveniences of every engine.
 
     A subclass provides render / tokenize / n_ctx / stream (and may override count_tokens with a cheaper
-    count of a bare text). fit() costs one tokenisation per distinct message text (cached per engine), plus
-    one or two of the prompt that is finally kept, so a long history is trimmed in linear time instead of
-    re-rendering and re-tokenising the whole conversation once per dropped message.
+    count of a bare text). fit() costs at most one tokenisation per distinct message text (cached per engine;
+    turns that certainly cannot fit are never tokenised), plus one or two of the prompt that is finally kept,
+    so a long history is trimmed in linear time instead of re-rendering and re-tokenising the whole
+    conversation once per dropped message.
     """
 
     backend_name = "unknown"
@@ -179,17 +181,25 @@ class ContextBudget:
         budget = n_ctx - max_tokens
         last = len(kept) - 1
         order = [i for i, m in enumerate(kept) if m["role"] != "system" and i != last]  # oldest first
-        costs = [self._message_tokens(m["content"]) for m in kept]
-        total = sum(costs)
-        gone = [0]  # gone[d]: content tokens of the first d messages of `order`
-        for i in order:
-            gone.append(gone[-1] + costs[i])
+        droppable = set(order)
+        slack = self.COUNT_SLACK
+        required = sum(self._message_tokens(m["content"]) for i, m in enumerate(kept) if i not in droppable)
+        # rest[d]: content tokens of order[d:]. Counted newest first and only while the bare texts could still
+        # fit, so an over-long history costs what it keeps (plus one message), not what it drops.
+        rest = [0] * (len(order) + 1)
+        low = len(order)  # the fewest drops whose messages are counted; fewer than that never fit
+        while low > 0:
+            with_older = rest[low] + self._message_tokens(kept[order[low - 1]]["content"])
+            if required + with_older - slack * (len(kept) - low + 1) > budget:
+                break
+            low -= 1
+            rest[low] = with_older
 
         def estimate(d: int, per_message: float) -> float:
-            return total - gone[d] + per_message * (len(kept) - d)
+            return required + rest[d] + per_message * (len(kept) - d)
 
         def first_fitting(per_message: float) -> int:
-            return next((d for d in range(len(order) + 1) if estimate(d, per_message) <= budget), len(order))
+            return next((d for d in range(low, len(order) + 1) if estimate(d, per_message) <= budget), len(order))
 
         exact: dict[int, list[int]] = {}
 

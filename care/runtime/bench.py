@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError
+from care.runtime.threads import physical_cores  # noqa: F401 - re-exported for care bench and bench/ scripts
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +43,6 @@ class BenchConfig:
     gen_tokens: int = 64
     agreement_tokens: int = 0  # >0: also return the greedy next-token argmax ids over that many tokens
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        n = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        n = min(n, len(os.sched_getaffinity(0)))
-    return n
 
 
 def _peak_rss_bytes() -> int:

@@ -28,6 +28,7 @@ from care.runtime.backend import (  # re-exported: the names front ends imported
     SamplingConfig,
     collect,
 )
+from care.runtime.threads import default_threads  # re-exported: bench, eval and export import it from here
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +70,6 @@ def file_type_name(metadata: dict[str, str]) -> str:
         return f"ftype {ftype}"
 
 
-def default_threads() -> int:
-    """Idle physical cores. llama.cpp's workers spin-wait, so asking for a busy core stalls every token."""
-    env = os.environ.get("CARE_THREADS")
-    if env:
-        return max(1, int(env))
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        physical = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        physical = min(physical, len(os.sched_getaffinity(0)))
-    try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, physical - busy)
-
-
 class ChatEngine(ContextBudget):
     """A GGUF model loaded with llama-cpp-python, formatted by its own chat template."""
 
@@ -120,6 +101,7 @@ class ChatEngine(ContextBudget):
                     n_batch=min(self.config.n_batch, self.config.n_ctx),
                     use_mmap=self.config.use_mmap,
                     lora_path=self.config.lora_path,
+                    lora_scale=self.config.lora_scale,
                     seed=self.config.sampling.seed if self.config.sampling.seed is not None else 0xFFFFFFFF,
                     verbose=bool(os.environ.get("CARE_DEBUG")),
                     **kwargs,
@@ -134,6 +116,13 @@ class ChatEngine(ContextBudget):
         self.default_adapters: tuple[tuple[str, float], ...] = ()
         if self.config.adapters:
             from care.runtime.adapters import AdapterSet
+
+            if self.config.lora_path:  # switching replaces the context's adapters, --lora's too
+                self.llm.close()
+                from care.errors import UsageError
+
+                raise UsageError("--lora and --adapters cannot be combined",
+                                 hint="Name the --lora file in --adapters too (NAME=FILE)")
 
             try:
                 self.adapters = AdapterSet(self.llm, self.config.adapters)

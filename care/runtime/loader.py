@@ -25,12 +25,6 @@ def load_engine(spec: str | os.PathLike[str] | None = None, config: EngineConfig
     if is_onnx_folder(spec):
         from care.runtime.onnx_engine import OnnxChatEngine
 
-        if config is not None and (config.adapters or config.lora_path):
-            from care.errors import UsageError
-
-            raise UsageError("LoRA adapters apply to GGUF models only, not ONNX folders",
-                             hint="Use --model BASE.gguf with --adapters, or drop --adapters")
-
         return OnnxChatEngine(spec, config)  # type: ignore[arg-type]
     from care.models import resolve_gguf
     from care.runtime.engine import ChatEngine

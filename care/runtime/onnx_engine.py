@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from care.errors import GenerationError, InvalidModelError, ModelNotFoundError, require
 from care.runtime.backend import ContextBudget, EngineConfig, GenerationResponse, Message, SamplingConfig
@@ -33,7 +34,10 @@ class OnnxChatEngine(ContextBudget):
 
     backend_name = "onnx"
 
-    def __init__(self, folder: str | os.PathLike[str], config: EngineConfig | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike[str], config: EngineConfig | None = None, *,
+                 loaded: tuple[Any, Any] | None = None) -> None:
+        """`loaded`: an (og.Model, og.Tokenizer) of this folder already in memory (eval scores with the same
+        model it generates with; loading it twice would double the RAM)."""
         require("onnxruntime_genai", "export")
         import onnxruntime_genai as og
 
@@ -45,10 +49,16 @@ class OnnxChatEngine(ContextBudget):
             raise InvalidModelError("Not an onnxruntime-genai model folder (no genai_config.json)", path=self.path,
                                     hint="Export it with `care export onnx`")
         self.config = config or EngineConfig()
+        if self.config.lora_path or self.config.adapters:
+            raise InvalidModelError("LoRA adapters (--lora, --adapters) need a GGUF model (the llama.cpp engine)",
+                                    path=self.path,
+                                    hint="Merge the adapter before `care export onnx`, or use the GGUF export")
         t0 = time.perf_counter()
         try:
-            self.model = og.Model(str(self.path))
-            self.tokenizer = og.Tokenizer(self.model)
+            self.model, self.tokenizer = loaded or (None, None)
+            if self.model is None:
+                self.model = og.Model(str(self.path))
+                self.tokenizer = og.Tokenizer(self.model)
         except Exception as exc:  # onnxruntime-genai raises plain RuntimeError/OrtException
             raise InvalidModelError(f"onnxruntime-genai could not load the model: {exc}", path=self.path,
                                     hint="Re-export it with `care export onnx`") from exc

@@ -23,6 +23,7 @@ from typing import Any
 
 from care.errors import TrainingError
 from care.io import write_json, write_text
+from care.progress import LineProgress, on_terminal
 from care.train.config import Recipe
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,25 @@ def _callbacks(metrics_path: Path, stop_flag: dict[str, Any], batch_samples: int
             with metrics_path.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
 
+    class LineProgressCallback(TrainerCallback):
+        """Off a terminal: one line per logging step (step/total, loss, ETA) instead of the tqdm bar."""
+
+        def __init__(self) -> None:
+            self.line: LineProgress | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.line = LineProgress("train", state.max_steps, every_s=0, unit="step ")
+            self.line.restart_at(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if self.line is None or args.disable_tqdm is False:
+                return
+            if "loss" in logs:
+                self.line.update(state.global_step, loss=float(logs["loss"]), lr=float(logs.get("learning_rate", 0)))
+            elif "eval_loss" in logs:
+                self.line.update(state.global_step, force=True, eval_loss=float(logs["eval_loss"]))
+
     class StopCallback(TrainerCallback):
         """Turns SIGINT/SIGTERM into 'save a checkpoint now and stop' at the end of the current step."""
 
@@ -135,7 +155,7 @@ def _callbacks(metrics_path: Path, stop_flag: dict[str, Any], batch_samples: int
                 stop_flag["step"] = state.global_step
             return control
 
-    return [MetricsCallback(), StopCallback()]
+    return [MetricsCallback(), LineProgressCallback(), StopCallback()]
 
 
 class _Signals:
@@ -219,7 +239,8 @@ def _sft_config(recipe: Recipe, out: Path, has_val: bool, assistant_only: bool, 
         fp16=(not on_cpu) and dtype == torch.float16,
         report_to="none",
         dataloader_num_workers=0,
-        disable_tqdm=bool(os.environ.get("CARE_NO_PROGRESS")),
+        # Off a terminal the bar would be hundreds of carriage-return frames in the log: _LineProgress instead.
+        disable_tqdm=bool(os.environ.get("CARE_NO_PROGRESS")) or not on_terminal(),
     )
 
 
@@ -283,9 +304,9 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
     args = _sft_config(recipe, out, bool(val_recs), assistant_only, max_steps)
     t = recipe.training
     flag: dict[str, Any] = {}
-    metrics_cb, stop_cb = _callbacks(metrics_path, flag, int(t["batch"]) * int(t.get("grad_accum") or 1))
+    metrics_cb, line_cb, stop_cb = _callbacks(metrics_path, flag, int(t["batch"]) * int(t.get("grad_accum") or 1))
     # Extra callbacks run before the stop check, so a signal they raise stops this very step.
-    callbacks = [metrics_cb, *(extra_callbacks or []), stop_cb]
+    callbacks = [metrics_cb, line_cb, *(extra_callbacks or []), stop_cb]
     prompt_completion = not assistant_only
     train_ds = to_dataset(train_recs, prompt_completion)
     val_ds = to_dataset(val_recs, prompt_completion) if val_recs else None

@@ -107,14 +107,16 @@ EMBEDDED = "embedded"
 
 
 def local_gguf_files(folders: list[Path], limit: int = 20) -> list[Path]:
-    """GGUF files directly in the given folders and one level below (e.g. exports/<run>/model.gguf)."""
+    """GGUF files directly in the given folders and one level below (e.g. exports/<run>/model.gguf), and ONNX
+    folders from `care export onnx` (the folder holding genai_config.json): the runtime loads both."""
     found: list[Path] = []
     for folder in folders:
         if not folder.is_dir():
             continue
-        for pattern in ("*.gguf", "*/*.gguf"):
+        for pattern in ("*.gguf", "*/*.gguf", "*/genai_config.json", "*/*/genai_config.json"):
             try:
-                found += sorted(p for p in folder.glob(pattern) if p.is_file())
+                found += sorted(p.parent if p.name == "genai_config.json" else p
+                                for p in folder.glob(pattern) if p.is_file())
             except OSError:
                 continue
     unique = list(dict.fromkeys(p.resolve() for p in found))
