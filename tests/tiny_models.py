@@ -10,6 +10,7 @@ under .cache/tests (keyed by the GGUF's size and mtime), since that read takes ~
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -104,3 +105,26 @@ def build_tiny_phi3(out: Path, tokenizer_dir: Path | None = None, seed: int = 0,
     names = {n for n, _ in model.named_modules()}
     assert any(n.endswith("qkv_proj") for n in names) and any(n.endswith("gate_up_proj") for n in names)
     return _save(model, tokenizer_dir, out)
+
+
+def make_adapter(base_dir: Path, out: Path, *, targets: list[str], r: int = 8, alpha: float = 16.0,
+                 rslora: bool = False, b_std: float = 0.05, seed: int = 0, care_info: dict | None = None,
+                 **extra) -> Path:
+    """A peft LoRA adapter on `base_dir` with random non-zero B (peft initialises B to zero: a no-op)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=targets, lora_dropout=0.0,
+                     task_type="CAUSAL_LM", **extra)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+    peft_model.save_pretrained(str(out))
+    if care_info is not None:
+        (out / "care_adapter.json").write_text(json.dumps(care_info))
+    return out

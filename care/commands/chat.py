@@ -30,6 +30,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None,
                         help="template for a GGUF that has none: chatml, phi3, llama3 or a Jinja file")
     parser.add_argument("--lora", default=None, help="a GGUF LoRA adapter to apply on top of the model")
+    parser.add_argument("--adapters", default=None, metavar="NAME=FILE,...|DIR",
+                        help="per-domain GGUF LoRA adapters over one base, e.g. medical=med.gguf,banking=bank.gguf, "
+                        "or a folder of `care export gguf-lora` outputs; the conversation's domain picks one")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""`care export gguf|onnx|verify|setup`: merged HF model -> verified GGUF / ONNX files."""
+"""`care export gguf|gguf-lora|onnx|verify|setup`: merged HF model -> verified GGUF / ONNX files, or a LoRA
+adapter -> a GGUF adapter verified on the quantized base."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="export_command", metavar="{gguf,onnx,verify,setup}", required=True)
+    sub = parser.add_subparsers(dest="export_command", metavar="{gguf,gguf-lora,onnx,verify,setup}", required=True)
 
     g = sub.add_parser("gguf", help="GGUF for llama.cpp / Ollama (default --q4_k_m), verified against the source",
                        description="Convert a merged Hugging Face model folder to GGUF with llama.cpp's own "
@@ -28,6 +29,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads for quantize/verify")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     g.set_defaults(module_run=run_gguf)
+
+    lo = sub.add_parser("gguf-lora", help="a LoRA adapter as a GGUF adapter (~1%% of the model), verified on the "
+                        "quantized base", description="Convert a LoRA adapter folder (from `care train`) with "
+                        "llama.cpp's convert_lora_to_gguf.py, then verify base GGUF + adapter against the "
+                        "peft-merged model, beside a merged export of the same quant.")
+    lo.add_argument("adapter_dir", help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    lo.add_argument("--out", "-o", required=True, help="output folder (adapter GGUF, manifest.json, Modelfile)")
+    lo.add_argument("--base", default=None, help="base model HF folder (default: from care_adapter.json / the "
+                    "recipe next to the adapter / care_merge.json)")
+    lo.add_argument("--outtype", choices=("f16", "q8_0"), default="f16", help="adapter tensor type (default f16)")
+    lo.add_argument("--verify-base", default=None, metavar="BASE.gguf", help="the quantized base GGUF to verify on "
+                    "(default: the embedded model when it is the base, else a q4_k_m export made into OUT/base/)")
+    lo.add_argument("--no-verify", action="store_true", help="skip verification")
+    lo.add_argument("--name", default=None, help="adapter name (default: the recipe name or the folder name)")
+    lo.add_argument("--threads", type=int, default=None, help="CPU threads for quantize/verify")
+    lo.add_argument("--json", action="store_true", help="print the result as JSON")
+    lo.set_defaults(module_run=run_gguf_lora)
 
     o = sub.add_parser("onnx", help="ONNX via onnxruntime-genai's model builder (int4 default), verified",
                        description="Export a merged Hugging Face model folder to ONNX with onnxruntime-genai's "
@@ -141,6 +159,48 @@ def run_gguf(args: argparse.Namespace) -> int:
                       f"-f {result.modelfile_path}")
         if result.verify_report is None:
             err.print("[yellow]not verified (--no-verify)[/yellow]")
+    if failed is not None:
+        raise failed
+    return 0
+
+
+def run_gguf_lora(args: argparse.Namespace) -> int:
+    from care.errors import VerificationError
+    from care.export.lora import export_gguf_lora
+
+    failed = None
+    try:
+        result = export_gguf_lora(args.adapter_dir, args.out, base=args.base, outtype=args.outtype,
+                                  verify_base=args.verify_base, verify=not args.no_verify, name=args.name,
+                                  n_threads=args.threads)
+    except VerificationError as exc:
+        result = getattr(exc, "result", None)
+        if result is None:
+            raise
+        failed = exc
+    manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+    else:
+        console = _console()
+        for note in result.notes:
+            _console(stderr=True).print(f"[yellow]note:[/yellow] {note}")
+        if result.verify_report is not None:
+            r = result.verify_report
+            print_verify_table(r, title=f"{r['quant']} base + adapter vs merged {r['quant']}, both against the "
+                               "peft-merged HF model")
+            console.print(f"adapter effect: KL(base+adapter || base) {r['adapter_effect_kl']:.3g} "
+                          f"(must be >= {r['adapter_min_kl']:g})")
+        a, lora = manifest["adapter"], manifest["lora"]
+        console.print(f"adapter: {result.adapter} ({a['size'] / 2**20:.2f} MiB, {a['type']}; r={lora['rank']}, "
+                      f"alpha={lora['alpha']:g}{', rsLoRA' if lora['rslora'] else ''})")
+        if result.base_gguf is not None:
+            console.print(f"base:    {result.base_gguf} ({result.base_gguf.stat().st_size / 2**20:.1f} MiB)")
+        console.print(f"manifest: {result.manifest_path}")
+        if result.modelfile_path is not None:
+            console.print(f"Ollama:   ollama create {_ollama_name(manifest['name'])} -f {result.modelfile_path}")
+        if result.verify_report is None:
+            _console(stderr=True).print("[yellow]not verified (--no-verify)[/yellow]")
     if failed is not None:
         raise failed
     return 0

@@ -47,7 +47,8 @@ PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
 # models/ggml-vocab-phi-3.gguf: llama.cpp's vocab-only GGUF of the Phi-3 tokenizer (0.7 MB), so a
 # Phi-3.5-shaped benchmark model (bench/phone_profile.py) has the real 32,064-token vocabulary offline.
 PHI3_VOCAB = "models/ggml-vocab-phi-3.gguf"
-_EXTRACT_DIRS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "LICENSE", PHI3_VOCAB)
+LORA_SCRIPT = "convert_lora_to_gguf.py"  # `care export gguf-lora`
+_EXTRACT_DIRS = ("convert_hf_to_gguf.py", LORA_SCRIPT, "conversion/", "gguf-py/gguf/", "gguf-py/LICENSE", "LICENSE", PHI3_VOCAB)
 _COMPLETE = ".care-complete"
 
 
@@ -81,7 +82,8 @@ def find_converter(version: str | None = None) -> Path | None:
         marker = json.loads((folder / _COMPLETE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    ok = marker.get("version") == version and (folder / "convert_hf_to_gguf.py").is_file()
+    ok = marker.get("version") == version and all((folder / f).is_file() for f in ("convert_hf_to_gguf.py",
+                                                                                    LORA_SCRIPT))
     return folder if ok and (folder / "gguf-py" / "gguf" / "__init__.py").is_file() else None
 
 

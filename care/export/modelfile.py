@@ -54,13 +54,18 @@ def _quote(text: str) -> str:
 
 
 def render_modelfile(gguf_name: str, jinja_template: str | None, extra_stops: list[str] | None = None,
-                     system: str | None = None, num_ctx: int = 4096, others: list[str] | None = None) -> str:
+                     system: str | None = None, num_ctx: int = 4096, others: list[str] | None = None,
+                     adapter: str | None = None) -> str:
+    """`adapter`: a GGUF LoRA adapter applied on top of the FROM model (Ollama takes one per Modelfile)."""
     fmt = detect_format(jinja_template)
-    lines = ["# Ollama Modelfile written by `care export gguf`.",
+    command = "care export gguf-lora" if adapter else "care export gguf"
+    lines = [f"# Ollama Modelfile written by `{command}`.",
              "#   ollama create NAME -f Modelfile && ollama run NAME"]
     if others:
         lines.append("# Other quantizations in this folder: " + ", ".join(others) + " (change FROM to use one)")
     lines.append(f"FROM ./{gguf_name}")
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     if fmt:
         lines.append(f"TEMPLATE {_quote(GO_TEMPLATES[fmt])}")
     else:

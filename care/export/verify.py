@@ -251,7 +251,7 @@ def _worker(job_path: str) -> int:
     n_threads = job["n_threads"]
     llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_batch=min(512, job["n_ctx"]),
                           n_threads=n_threads, n_threads_batch=n_threads, logits_all=True,
-                          verbose=bool(os.environ.get("CARE_DEBUG")))
+                          lora_path=job.get("lora"), verbose=bool(os.environ.get("CARE_DEBUG")))
     res: dict[str, Any] = {"corpus": {}, "chats": [], "seq_files": []}
     for text in job["corpus"]:
         res["corpus"][text] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
@@ -270,7 +270,7 @@ def _worker(job_path: str) -> int:
     del llm
     if job["chat"]:
         engine = ChatEngine(job["gguf"], EngineConfig(
-            n_ctx=job["n_ctx"], n_threads=n_threads,
+            n_ctx=job["n_ctx"], n_threads=n_threads, lora_path=job.get("lora"),
             sampling=SamplingConfig(temperature=0.0, seed=0, max_tokens=job["gen_tokens"], repeat_penalty=1.0)))
         for msgs in job["chats"]:
             text = engine.render(msgs)
@@ -336,9 +336,15 @@ def verify_many(
     fail: bool = True,
     timeout: float | None = None,
     hf_dtype: str = "float32",
+    loras: dict[str, Path] | None = None,
+    quants: dict[str, str] | None = None,
+    logits_out: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Verify several GGUFs (quant -> path) of one HF model; the HF reference is computed once.
 
+    `loras` (label -> adapter GGUF) applies a LoRA adapter on top of that label's file, and `quants`
+    (label -> quant) names the KL limit when a label is not a quant name (`care export gguf-lora`).
+    `logits_out`, when given, receives each label's llama.cpp logits and the key "hf" the HF log-probs.
     Returns the report dict (see verify.json). Raises VerificationError when `fail` and a check fails.
     """
     from care.export.converter import inspect_model_dir
@@ -366,12 +372,16 @@ def verify_many(
         job = {"gguf": str(path), "n_ctx": n_ctx, "n_threads": n_threads, "corpus": list(ref["corpus"]),
                "seqs": ref["seqs"], "chat": ref["has_template"] and bool(meta["chat_template"]),
                "chats": [c["messages"] for c in ref["chats"] if "text" in c], "gen_tokens": gen_tokens,
-               "eog_check": [eot[0]] if eot else []}
+               "eog_check": [eot[0]] if eot else [], "lora": str((loras or {})[quant]) if quant in (loras or {})
+               else None}
         with tempfile.TemporaryDirectory(prefix="care-verify-") as tmp:
             res = _run_worker(Path(path), job, Path(tmp), timeout)
             logits = [np.load(f) for f in res["seq_files"]]
             metrics = _logit_metrics(ref["logprobs"], logits, ref["seqs"])
-        entry = _compare(quant, meta, ref, res, metrics)
+        if logits_out is not None:
+            logits_out[quant] = logits
+            logits_out["hf"], logits_out["seqs"] = ref["logprobs"], ref["seqs"]
+        entry = _compare((quants or {}).get(quant, quant), meta, ref, res, metrics)
         report["files"][quant] = entry
         report["failures"].extend(f"{quant}: {f}" for f in entry["failures"])
     report["passed"] = not report["failures"]

@@ -31,6 +31,9 @@ class SamplingConfig:
     # Constrain the reply to a JSON value: {} for any JSON object, or a JSON schema (OpenAI response_format).
     # The llama.cpp engine turns it into a grammar; an engine without grammar support refuses it.
     json_schema: dict[str, Any] | None = None
+    # LoRA adapters for this request as (name, scale) pairs (care.runtime.adapters); () the base alone, None the
+    # engine's default. Only engines loaded with EngineConfig.adapters accept names.
+    adapters: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass
@@ -41,6 +44,7 @@ class EngineConfig:
     use_mmap: bool = True
     lora_path: str | None = None  # a GGUF LoRA adapter applied at load time (llama.cpp engine)
     lora_scale: float = 1.0  # its strength (llama.cpp's lora_scale)
+    adapters: dict[str, str] | None = None  # name -> GGUF LoRA, loaded once, switched per request (llama.cpp)
     chat_template: str | None = None  # a template name from NAMED_TEMPLATES or Jinja text; None: the model's
     type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
     type_v: str | None = None

@@ -112,6 +112,23 @@ class ChatEngine(ContextBudget):
                 path=self.path,
                 hint="Check that the file is a complete GGUF (re-export it with `care export gguf`)",
             ) from exc
+        self.adapters = None
+        self.default_adapters: tuple[tuple[str, float], ...] = ()
+        if self.config.adapters:
+            from care.runtime.adapters import AdapterSet
+
+            if self.config.lora_path:  # switching replaces the context's adapters, --lora's too
+                self.llm.close()
+                from care.errors import UsageError
+
+                raise UsageError("--lora and --adapters cannot be combined",
+                                 hint="Name the --lora file in --adapters too (NAME=FILE)")
+
+            try:
+                self.adapters = AdapterSet(self.llm, self.config.adapters)
+            except Exception:
+                self.llm.close()
+                raise
         self.load_s = time.perf_counter() - t0
         self.metadata: dict[str, str] = dict(self.llm.metadata or {})
         self.template = self._pick_template()
@@ -234,6 +251,7 @@ class ChatEngine(ContextBudget):
             finish = "stop"
             if s.seed is not None:
                 self.llm.set_seed(s.seed)
+            self._apply_adapters(s.adapters)
             gen = self.llm.create_completion(
                 prompt=prompt_tokens,
                 max_tokens=s.max_tokens,
@@ -279,7 +297,34 @@ class ChatEngine(ContextBudget):
                 dropped_turns=dropped,
             )
 
+    # -- LoRA adapters (care.runtime.adapters) -------------------------------------------------------------
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        return self.adapters.names if self.adapters is not None else ()
+
+    @property
+    def active_adapter(self) -> str:
+        """The adapters the last reply used ("" for the base alone), for status lines."""
+        active = self.adapters.active if self.adapters is not None else ()
+        return ",".join(n if s == 1.0 else f"{n}x{s:g}" for n, s in active)
+
+    def adapters_for(self, domain: str) -> tuple[tuple[str, float], ...]:
+        """The adapter named like `domain`, else none (the base)."""
+        return ((domain, 1.0),) if domain in self.adapter_names else ()
+
+    def _apply_adapters(self, spec: tuple[tuple[str, float], ...] | None) -> None:
+        if self.adapters is None:
+            if spec:
+                from care.errors import UsageError
+
+                raise UsageError("This model was loaded without adapters", hint="Start it with --adapters NAME=FILE")
+            return
+        self.adapters.apply(self.default_adapters if spec is None else spec)
+
     def close(self) -> None:
+        adapters = getattr(self, "adapters", None)
+        if adapters is not None:
+            adapters.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()

@@ -51,6 +51,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         context_policy=getattr(args, "context", None) or "drop",
         chat_template=template,
         lora_path=getattr(args, "lora", None),
+        adapters=_adapters(getattr(args, "adapters", None)),
         sampling=SamplingConfig(
             temperature=getattr(args, "temperature", 0.7),
             top_p=getattr(args, "top_p", 0.9),
@@ -60,6 +61,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_tokens=getattr(args, "max_tokens", 512),
         ),
     )
+
+
+def _adapters(value: str | None) -> dict[str, str] | None:
+    if not value:
+        return None
+    from care.runtime.adapters import parse_adapters
+
+    return parse_adapters(value) or None
 
 
 def load_from_args(args: argparse.Namespace, spec: str | None = None) -> ChatBackend:

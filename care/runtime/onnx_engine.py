@@ -49,8 +49,9 @@ class OnnxChatEngine(ContextBudget):
             raise InvalidModelError("Not an onnxruntime-genai model folder (no genai_config.json)", path=self.path,
                                     hint="Export it with `care export onnx`")
         self.config = config or EngineConfig()
-        if self.config.lora_path:
-            raise InvalidModelError("A LoRA adapter (--lora) needs a GGUF model (the llama.cpp engine)", path=self.path,
+        if self.config.lora_path or self.config.adapters:
+            raise InvalidModelError("LoRA adapters (--lora, --adapters) need a GGUF model (the llama.cpp engine)",
+                                    path=self.path,
                                     hint="Merge the adapter before `care export onnx`, or use the GGUF export")
         t0 = time.perf_counter()
         try:

@@ -38,6 +38,8 @@ class ChatRequest:
     sampling: SamplingConfig
     stream: bool = False
     json_mode: bool = False  # response_format json_object / json_schema
+    model: str | None = None  # the `model` field: picks a LoRA adapter by name on a server started with --adapters
+    lora: list[tuple[int, float]] | None = None  # llama-server's per-request [{"id", "scale"}] adapters
 
 
 def _bad(field: str, problem: str, hint: str | None = None) -> UsageError:
@@ -145,6 +147,23 @@ def _response_format(value: Any) -> dict[str, Any] | None:
     raise _bad("response_format.type", f"must be text, json_object or json_schema, not {kind!r}")
 
 
+def _lora(value: Any) -> list[tuple[int, float]] | None:
+    """llama-server's `"lora": [{"id": 0, "scale": 1.0}, ...]` (ids index GET /v1/models' adapters)."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _bad("lora", "must be a list like [{\"id\": 0, \"scale\": 1.0}]")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or isinstance(item.get("id"), bool) or not isinstance(item.get("id"), int):
+            raise _bad(f"lora[{i}].id", "must be an integer adapter id (see GET /v1/models)")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not -4.0 <= scale <= 4.0:
+            raise _bad(f"lora[{i}].scale", "must be a number between -4 and 4")
+        out.append((int(item["id"]), float(scale)))
+    return out
+
+
 def parse_request(body: Any, base: SamplingConfig, max_messages: int = DEFAULT_MAX_MESSAGES) -> ChatRequest:
     """A checked request, or UsageError naming the first field that is wrong or unsupported."""
     if not isinstance(body, dict):
@@ -178,5 +197,8 @@ def parse_request(body: Any, base: SamplingConfig, max_messages: int = DEFAULT_M
         stop=_stop(body.get("stop")),
         json_schema=schema,
     )
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model", "must be a string (see GET /v1/models)")
     return ChatRequest(history=messages[:-1], text=messages[-1]["content"], sampling=sampling,
-                       stream=bool(stream), json_mode=schema is not None)
+                       stream=bool(stream), json_mode=schema is not None, model=model, lora=_lora(body.get("lora")))

@@ -19,11 +19,11 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 from care.errors import CareError, UsageError
-from care.runtime.backend import ChatBackend, GenerationResponse
+from care.runtime.backend import ChatBackend, GenerationResponse, SamplingConfig
 from care.runtime.requests import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, ChatRequest, parse_request
 from care.runtime.session import ChatSession, ContextNote, SafetyNotice
 
@@ -65,6 +65,7 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
     from starlette.routing import Route
 
     model_name = model_id or getattr(engine, "path", None) and engine.path.stem or engine.model_name
+    adapter_names: tuple[str, ...] = tuple(getattr(engine, "adapter_names", ()))
     created = int(time.time())
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -79,9 +80,13 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
     async def models(request: Request) -> JSONResponse:
         if not authorized(request):
             return error(401, "Missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "care",
-             "n_ctx": engine.n_ctx, "quant": engine.quant_type}]})
+        base = {"object": "model", "created": created, "owned_by": "care", "n_ctx": engine.n_ctx,
+                "quant": engine.quant_type}
+        # One id per LoRA adapter (care serve --adapters): a client picks one with `model`, or with
+        # llama-server's per-request `lora` ids (the `lora_id` here).
+        return JSONResponse({"object": "list", "data": [{"id": model_name, **base}] + [
+            {"id": name, **base, "adapter": name, "lora_id": i, "base_model": model_name}
+            for i, name in enumerate(adapter_names)]})
 
     async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "ok", "model": model_name})
@@ -104,6 +109,7 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
             return error(400, "The request body is not JSON")
         try:
             req = parse_request(body, engine.config.sampling, max_messages=max_messages)
+            req.sampling = _pick_adapters(req, adapter_names, model_name)
             session = _session(engine, req, domain, languages)
         except CareError as exc:
             return error(400, exc.one_line())
@@ -137,6 +143,23 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ])
+
+
+def _pick_adapters(req: ChatRequest, names: tuple[str, ...], model_name: str) -> SamplingConfig:
+    """The request's adapters: `lora` ids, else a `model` naming an adapter (the base id: none), else None
+    (the session uses the adapter of its domain). Another `model` value is ignored, as before adapters."""
+    if req.lora is not None:
+        for i, (idx, _) in enumerate(req.lora):
+            if not 0 <= idx < len(names):
+                raise UsageError(f"`lora[{i}].id` {idx} is not a loaded adapter",
+                                 hint=f"ids 0..{len(names) - 1} (GET /v1/models)" if names
+                                 else "This server was started without --adapters")
+        return replace(req.sampling, adapters=tuple((names[idx], scale) for idx, scale in req.lora))
+    if names and req.model == model_name:
+        return replace(req.sampling, adapters=())
+    if req.model in names:
+        return replace(req.sampling, adapters=((req.model, 1.0),))
+    return req.sampling
 
 
 def _session(engine: ChatBackend, req: ChatRequest, domain: str,

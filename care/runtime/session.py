@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from care.domains import DOMAINS, system_prompt
 from care.errors import GenerationError, UsageError
@@ -100,6 +100,13 @@ class ChatSession:
     def system(self) -> str:
         return self.messages[0]["content"] if self.messages and self.messages[0]["role"] == "system" else ""
 
+    def _with_domain_adapter(self, s: SamplingConfig) -> SamplingConfig:
+        """The domain's LoRA adapter (care.runtime.adapters) unless the request chose adapters itself."""
+        pick = getattr(self.engine, "adapters_for", None)
+        if s.adapters is not None or pick is None or not getattr(self.engine, "adapter_names", ()):
+            return s
+        return replace(s, adapters=pick(self._domain))
+
     def _set_system(self, text: str) -> None:
         if self.messages and self.messages[0]["role"] == "system":
             self.messages[0] = {"role": "system", "content": text}
@@ -141,7 +148,7 @@ class ChatSession:
                 yield ContextNote(dropped, f"{dropped} older message{'s' if dropped != 1 else ''} {what} to fit "
                                            f"the {self.engine.n_ctx}-token context.", summary)
             self._last_dropped = dropped
-            stream = self.engine.stream(kept, s)
+            stream = self.engine.stream(kept, self._with_domain_adapter(s))
             for chunk in stream:
                 if self._cancelled.is_set() and chunk.finish_reason is None:
                     self.engine.cancel()

@@ -173,6 +173,10 @@ class CareChatApp(App[int]):
             model, quant, n_ctx = ("loading…" if self.loading else "no model"), "", 0
         else:
             model, quant, n_ctx = engine.model_name, engine.quant_type, engine.n_ctx
+            names = getattr(engine, "adapter_names", ())
+            if names:  # --adapters: the LoRA adapter the current domain uses (the domain picker switches it)
+                domain = self.session.domain if self.session is not None else self.domain
+                model = f"{model}+{domain if domain in names else 'base'}"
         used = self.session.context_used() if self.session is not None else 0
         state = "writing… Esc stops" if self.generating else "offline"
         self.query_one("#status", StatusBar).show(model=model, quant=quant, domain=self.domain, used=used,
