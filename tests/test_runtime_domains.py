@@ -52,3 +52,38 @@ def test_medical_questions(shared_data):
     acc, wrong = _rates(mcqa, "medical")
     print(f"medmcqa dev n={len(mcqa)}: medical {acc:.3f}, wrong {wrong:.3f}")
     assert acc >= 0.45 and wrong <= 0.02  # exam stems ("Cold agglutinin is") are hard: measured 0.504 / 0.0067
+
+
+@pytest.mark.parametrize("text", [
+    "my 2 year old drank some of the bleach under the sink, what do I do",
+    "he collapsed at the bank and isn't responding",
+])
+def test_emergency_routes_to_medical(text):
+    assert detect_domain(text) == "medical"
+
+
+def test_tui_new_chat_detects_its_own_domain(tmp_path):
+    import asyncio
+
+    from test_tui_app import SIZE, send_and_wait
+
+    from care.domains import SYSTEM_PROMPTS
+    from care.tui.app import create_app
+    from care.tui.store import ChatStore
+    from care.tui.testing import FakeEngine
+
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    engine = FakeEngine(["Restart the router.", "Rest and drink water."])
+
+    async def run():
+        app = create_app(engine, store=store, resume=False, domain="auto")
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "My wifi router keeps disconnecting")
+            first = app.domain
+            await pilot.press("ctrl+n")
+            await send_and_wait(pilot, "What are the symptoms of malaria?")
+            return first, app.domain
+
+    assert asyncio.run(run()) == ("telecom", "medical")
+    assert engine.calls[1][0]["content"] == SYSTEM_PROMPTS["medical"]
+    store.close()
