@@ -43,12 +43,12 @@ def test_banking77_test_split(shared_data):
 
 def test_medical_questions(shared_data):
     with gzip.open(shared_data / "medquad" / "medquad.normalized.jsonl.gz", "rt", encoding="utf-8") as fh:
-        medquad = [json.loads(line)["query"] for line in fh]
+        medquad = [json.loads(line)["query"] for line in fh][::8]  # every 8th: the triage runs first (~ms each)
     mcqa = [json.loads(line)["question"]
-            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()]
+            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()][::4]
     acc, wrong = _rates(medquad, "medical")
     print(f"medquad n={len(medquad)}: medical {acc:.3f}, wrong {wrong:.3f}")
-    assert acc >= 0.85 and wrong <= 0.01  # measured 0.880 / 0.0012
+    assert acc >= 0.95 and wrong <= 0.01  # keyword rules alone: 0.880; with the domain model see bench/triage.py
     acc, wrong = _rates(mcqa, "medical")
     print(f"medmcqa dev n={len(mcqa)}: medical {acc:.3f}, wrong {wrong:.3f}")
     assert acc >= 0.45 and wrong <= 0.02  # exam stems ("Cold agglutinin is") are hard: measured 0.504 / 0.0067

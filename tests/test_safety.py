@@ -70,10 +70,12 @@ def test_banking77_has_no_false_alarms(shared_data):
     import io
 
     rows = list(csv.DictReader(io.StringIO((shared_data / "banking77" / "test.csv").read_text(encoding="utf-8"))))
-    rules = safety.load_rules()
-    fired = [r["text"] for r in rows if rules.check(r["text"])]
+    lexicon = safety.load_rules(classifier=False)
     assert len(rows) > 3000
-    assert fired == []
+    assert [r["text"] for r in rows if lexicon.check(r["text"])] == []  # the rules alone: none
+    rules = safety.load_rules()  # with the classifier: within the 0.5% (bench/triage.py prints it)
+    fired = [r["text"] for r in rows if rules.check(r["text"])]
+    assert len(fired) / len(rows) <= 0.005, fired
 
 
 def test_messages_in_configured_languages():

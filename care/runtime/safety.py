@@ -66,16 +66,23 @@ class SafetyRule:
     # Words a phrase pattern needs in the text: a substring test skips most patterns cheaply (speed).
     needs: dict[re.Pattern[str], tuple[str, ...]] = field(default_factory=dict)
 
-    def search(self, text: str, context: triage.Context | None, original: str | None = None) -> re.Match[str] | None:
-        for pats in self.patterns.values():
-            for pat in pats:
-                needs = self.needs.get(pat)
-                if needs and not all(w in text for w in needs):
-                    continue
-                for m in pat.finditer(text):
-                    if self.always_flag or context is None or context.cancels(text, m, original) is None:
-                        return m
-        return None
+    def __post_init__(self) -> None:
+        self._flat = [(pat, self.needs.get(pat, ())) for pats in self.patterns.values() for pat in pats]
+
+    def scan(self, text: str, context: triage.Context | None, original: str | None = None) -> tuple[bool, bool]:
+        """(some pattern matched, a match counted: not cancelled by `context`)."""
+        seen = False
+        for pat, needs in self._flat:
+            if needs and not all(w in text for w in needs):
+                continue
+            for m in pat.finditer(text):
+                seen = True
+                if self.always_flag or context is None or context.cancels(text, m, original) is None:
+                    return True, True
+        return seen, False
+
+    def search(self, text: str, context: triage.Context | None, original: str | None = None) -> bool:
+        return self.scan(text, context, original)[1]
 
 
 @dataclass
@@ -129,12 +136,20 @@ class SafetyRules:
             fixed = self.typo.text(norm)
             if fixed != norm:
                 variants.append(fixed)
-        hits = [r for r in self.rules if r.enabled and r.category not in self.disabled
-                and any(r.search(v, self.context, norm) for v in variants)]
+        hits: list[SafetyRule] = []
         # Categories whose phrases are present but were cancelled (negation, history, question, idiom):
         # the classifier needs CANCELLED_BAR to flag them anyway ("I don't have any chest pain").
-        cancelled = {r.category for r in self.rules if r.enabled and r not in hits
-                     and any(r.search(v, None) for v in variants)}
+        cancelled: set[str] = set()
+        for r in self.rules:
+            if not r.enabled or r.category in self.disabled:
+                continue
+            for v in variants:
+                seen, counted = r.scan(v, self.context, norm)
+                if counted:
+                    hits.append(r)
+                    break
+                if seen:
+                    cancelled.add(r.category)
         cues = self.context.cues(norm) if self.context is not None else []
         proba = self.model.proba(norm, cues) if self.model is not None else {}
         cats = {c: p for c, p in proba.items() if c != triage.NULL and c not in self.disabled}
@@ -290,7 +305,7 @@ def build_rules(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
             for p in phr:
                 pat = _compile(triage.phrase_regex(p), path, rid)
                 compiled.setdefault(lang, []).append(pat)
-                needs[pat] = tuple(w.rstrip("*") for w in triage.normalize(p).split() if w.rstrip("*"))
+                needs[pat] = tuple(w for w, _ in triage.phrase_words(p))
             words.extend(phr)
         rules.append(SafetyRule(id=rid, category=str(raw["category"]), enabled=bool(raw.get("enabled", True)),
                                 always_flag=bool(raw.get("always_flag", False)), patterns=compiled, needs=needs))

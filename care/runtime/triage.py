@@ -86,9 +86,8 @@ def normalize(text: str) -> str:
     t = t.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'").replace("\u00b4", "'")
     t = _REPEAT.sub(r"\1\1", t)
     t = re.sub(r"(?<=[a-z])-(?=[a-z])", " ", t)  # "self-harm" -> "self harm"
-    t = re.sub(r"(\d)\s*(?:yo|y/o|yrs?|years?)\b", r"\1 years old", t)  # "2yo" -> "2 years old"
-    t = re.sub(r"(\d)\s*(wks?|weeks?)\b", r"\1 weeks", t)
-    t = re.sub(r"(\d)\s*(?:mos?|months?)\b", r"\1 months", t)
+    t = re.sub(r"(\d)\s*(?:yo|y/o)\b", r"\1 years old", t)  # "2yo" -> "2 years old"
+    t = re.sub(r"(\d)(yrs?|years?|wks?|weeks?|mos|months?|days?|hrs?|mins?)\b", r"\1 \2", t)  # "3wks" -> "3 wks"
     words = []
     for tok in _TOKEN.findall(t):
         words.append(SMS.get(tok, tok))
@@ -230,7 +229,8 @@ class TypoIndex:
             cands: set[str] = set()
             for key in (word, *_deletes(word)):
                 cands |= self.index.get(key, set())
-            good = sorted(c for c in cands if within_one_edit(word, c))
+            # Typos rarely touch the first letter: "clicked" is not a typo of "licked".
+            good = sorted(c for c in cands if c[0] == word[0] and within_one_edit(word, c))
             hit = good[0] if len(good) == 1 else word  # ambiguous: leave it
             if len(self._cache) < 50_000:
                 self._cache[word] = hit
@@ -252,16 +252,21 @@ def pattern_words(sources: Iterable[str]) -> set[str]:
     return words
 
 
+def phrase_words(phrase: str) -> list[tuple[str, bool]]:
+    """(normalised word, is a stem) for each word of a phrase; "bleed*" is the stem "bleed"."""
+    out = []
+    for raw in phrase.split():
+        stem = raw.endswith("*")
+        out.extend((w, stem and i == len(ws) - 1)
+                   for ws in [normalize(raw.rstrip("*")).split()] for i, w in enumerate(ws))
+    return out
+
+
 def phrase_regex(phrase: str) -> str:
     """A plain phrase -> a regex: its normalised words in order, up to 2 other words between them,
     a trailing '*' on a word allows any ending ("bleed*" matches bleeding, bleeds)."""
-    words = normalize(phrase).split()
-    parts = []
-    for w in words:
-        stem = w.endswith("*") and len(w) > 1
-        core = re.escape(w[:-1] if stem else w)
-        parts.append(core + (r"\w*" if stem else ""))
-    gap = r"(?:\s+\S+){0,2}?\s+"
+    parts = [re.escape(w) + (r"\w*" if stem else "") for w, stem in phrase_words(phrase)]
+    gap = r"(?:\s+[^\s.!?;]+){0,2}?\s+"  # never across a sentence end
     return r"(?<![\w'])" + gap.join(parts) + r"(?![\w'])"
 
 
