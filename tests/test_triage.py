@@ -169,8 +169,8 @@ def test_dev_recall_floor(rules):
     assert recall >= RECALL_FLOOR and false_alarms <= FALSE_ALARM_CEILING
 
 
-RECALL_FLOOR = 0.90
-FALSE_ALARM_CEILING = 0.25
+RECALL_FLOOR = 0.95  # measured 0.980 (bench/triage.py)
+FALSE_ALARM_CEILING = 0.30  # measured 0.225 on the hard negatives
 
 
 # -- care triage -----------------------------------------------------------------------------------
