@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "export": "Export a merged model to GGUF (llama.cpp) or ONNX, verified against the source",
     "chat": "Chat offline with a GGUF model (terminal app, or --once for scripts)",
     "serve": "OpenAI-compatible chat server on the clinic LAN",
+    "triage": "Emergency triage of messages (JSON lines), to test a clinic's safety rules; no model loaded",
     "eval": "Medical benchmarks and generation metrics, reports with charts",
     "bench": "Measure load time, TTFT, tokens/s and peak RSS of a GGUF on this device",
     "demo": "The whole pipeline on the embedded SmolLM2: train, merge, export, before/after",

@@ -29,7 +29,7 @@ def test_chat_once_banking_domain_no_notice(capsys):
 def test_chat_once_languages(capsys):
     rc = main(["chat", "--once", "je n'arrive pas à respirer", "--lang", "fr", *FAST])
     out, _ = capsys.readouterr()
-    assert rc == 0 and out.startswith("[SAFETY difficulty_breathing] Il peut s'agir d'une urgence")
+    assert rc == 0 and out.startswith("[SAFETY difficulty_breathing] Une forte difficulté à respirer")
 
 
 def test_chat_once_too_long_is_one_line_error(capsys):

@@ -43,12 +43,47 @@ def test_banking77_test_split(shared_data):
 
 def test_medical_questions(shared_data):
     with gzip.open(shared_data / "medquad" / "medquad.normalized.jsonl.gz", "rt", encoding="utf-8") as fh:
-        medquad = [json.loads(line)["query"] for line in fh]
+        medquad = [json.loads(line)["query"] for line in fh][::8]  # every 8th: the triage runs first (~ms each)
     mcqa = [json.loads(line)["question"]
-            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()]
+            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()][::4]
     acc, wrong = _rates(medquad, "medical")
     print(f"medquad n={len(medquad)}: medical {acc:.3f}, wrong {wrong:.3f}")
-    assert acc >= 0.85 and wrong <= 0.01  # measured 0.880 / 0.0012
+    assert acc >= 0.95 and wrong <= 0.01  # keyword rules alone: 0.880; with the domain model see bench/triage.py
     acc, wrong = _rates(mcqa, "medical")
     print(f"medmcqa dev n={len(mcqa)}: medical {acc:.3f}, wrong {wrong:.3f}")
     assert acc >= 0.45 and wrong <= 0.02  # exam stems ("Cold agglutinin is") are hard: measured 0.504 / 0.0067
+
+
+@pytest.mark.parametrize("text", [
+    "my 2 year old drank some of the bleach under the sink, what do I do",
+    "he collapsed at the bank and isn't responding",
+])
+def test_emergency_routes_to_medical(text):
+    assert detect_domain(text) == "medical"
+
+
+def test_tui_new_chat_detects_its_own_domain(tmp_path):
+    import asyncio
+
+    from test_tui_app import SIZE, send_and_wait
+
+    from care.domains import SYSTEM_PROMPTS
+    from care.tui.app import create_app
+    from care.tui.store import ChatStore
+    from care.tui.testing import FakeEngine
+
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    engine = FakeEngine(["Restart the router.", "Rest and drink water."])
+
+    async def run():
+        app = create_app(engine, store=store, resume=False, domain="auto")
+        async with app.run_test(size=SIZE) as pilot:
+            await send_and_wait(pilot, "My wifi router keeps disconnecting")
+            first = app.domain
+            await pilot.press("ctrl+n")
+            await send_and_wait(pilot, "What are the symptoms of malaria?")
+            return first, app.domain
+
+    assert asyncio.run(run()) == ("telecom", "medical")
+    assert engine.calls[1][0]["content"] == SYSTEM_PROMPTS["medical"]
+    store.close()

@@ -70,10 +70,12 @@ def test_banking77_has_no_false_alarms(shared_data):
     import io
 
     rows = list(csv.DictReader(io.StringIO((shared_data / "banking77" / "test.csv").read_text(encoding="utf-8"))))
-    rules = safety.load_rules()
-    fired = [r["text"] for r in rows if rules.check(r["text"])]
+    lexicon = safety.load_rules(classifier=False)
     assert len(rows) > 3000
-    assert fired == []
+    assert [r["text"] for r in rows if lexicon.check(r["text"])] == []  # the rules alone: none
+    rules = safety.load_rules()  # with the classifier: within the 0.5% (bench/triage.py prints it)
+    fired = [r["text"] for r in rows if rules.check(r["text"])]
+    assert len(fired) / len(rows) <= 0.005, fired
 
 
 def test_messages_in_configured_languages():
@@ -102,7 +104,8 @@ def test_clinic_override_file(_user_dirs):
     rules = safety.load_rules()
     assert rules.languages == ("fr",)
     assert rules.check("I have chest pain") == []
-    (notice,) = rules.check("my son was bitten by a snake")
+    # The clinic's category comes first (the packaged rules now also know snake bites: bites_stings).
+    notice = rules.check("my son was bitten by a snake")[0]
     assert notice.category == "snakebite" and "appelez le 15" in notice.message
     (notice,) = rules.check("I can't breathe")  # packaged rule, clinic language and number
     assert "Appelez le 15" in notice.message

@@ -96,6 +96,12 @@ def test_streaming_sse_with_safety_notice_first(server_url):
     assert first_text.startswith("[SAFETY chest_pain]")
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert "not a diagnosis" in text  # medical domain detected: framing appended
+    # A flagged reply is released a sentence at a time (checked against the notice); others word by word.
+    assert len([d for d in deltas if d]) >= 3
+    with _client(server_url) as c, c.stream(
+            "POST", "/v1/chat/completions", json=_body("How do I block my lost bank card?", stream=True)) as r:
+        deltas = [json.loads(ln[6:])["choices"][0]["delta"].get("content", "")
+                  for ln in r.iter_lines() if ln.startswith("data: ") and ln != "data: [DONE]"]
     assert len([d for d in deltas if d]) > 3  # really streamed, not one blob
 
 

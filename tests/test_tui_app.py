@@ -514,7 +514,7 @@ def test_summarised_turns_show_a_note_that_is_saved_with_the_chat(store):
     async def run():
         app = create_app(engine, store=store, resume=True)
         async with app.run_test(size=SIZE) as pilot:
-            await send_and_wait(pilot, "and the newest one?")
+            await send_and_wait(pilot, "what about the other one?")  # not flagged by the triage
             notes = [w.render().plain for w in app.query(NoteMessage)]
             assert any("summarised" in n and "card 4410 was charged twice" in n for n in notes), notes
             assert app.query(AssistantMessage)[-1].source == "Here is the answer."

@@ -2,7 +2,9 @@
 
 Front ends (the `--once` CLI, the Textual app, the server) drive a `ChatSession` and render what
 `send()` yields, in order: `SafetyNotice`s (before any model text), a `ContextNote` when older turns had
-to be left out, then the engine's streamed `GenerationResponse` chunks (the last has finish_reason).
+to be left out, then the engine's streamed `GenerationResponse` chunks (the last has finish_reason). On a
+flagged turn the reply is checked a sentence at a time (care/runtime/reply_check.py) and a
+`ReplyCheckNote` (a GenerationResponse whose text says what was removed) comes before the last chunk.
 
 Turns that no longer fit the context are dropped, oldest first, or with `context="summarize"` folded into a
 rolling summary that the model writes and that rides in the system prompt (`ContextNote.summary`).
@@ -10,6 +12,7 @@ rolling summary that the model writes and that rides in the system prompt (`Cont
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -20,12 +23,14 @@ from dataclasses import dataclass, replace
 
 from care.domains import DOMAINS, system_prompt
 from care.errors import GenerationError, UsageError
+from care.runtime import reply_check
 from care.runtime.backend import ChatBackend, GenerationResponse, Message, SamplingConfig, collect
+from care.runtime.reply_check import ReplyCheckNote
 from care.runtime.safety import SafetyNotice, claims_clinician, load_rules
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTEXT_POLICIES", "ChatSession", "ContextNote", "SafetyNotice", "SessionEvent"]
+__all__ = ["CONTEXT_POLICIES", "ChatSession", "ContextNote", "ReplyCheckNote", "SafetyNotice", "SessionEvent"]
 
 CONTEXT_POLICIES = ("drop", "summarize")
 
@@ -117,17 +122,25 @@ class ChatSession:
     def send(self, text: str) -> Iterator[SessionEvent]:
         """Notices, then the streamed reply. The user turn and the (possibly partial) reply are kept."""
         self._cancelled.clear()
-        if self._auto and not any(m["role"] == "user" for m in self.messages):
+        earlier = [m["content"] for m in self.messages if m["role"] == "user"]
+        # Triage in the context of the earlier user turns ("he's 2 years old" counts).
+        notices = self.rules.check(text, self.languages, earlier) if self.safety else []
+        if self._auto and not earlier:
             from care.runtime.domains import detect_domain
 
-            self._domain = detect_domain(text)
+            self._domain = detect_domain(text)  # an emergency always goes to medical
             if self._custom_system is None:
                 self._set_system(system_prompt(self._domain))
             log.info("domain detected from the first message: %s", self._domain)
-        notices = self.rules.check(text, self.languages) if self.safety else []
         history = [*self.messages, {"role": "user", "content": text}]
         s = self.sampling or self.engine.config.sampling
         prompt_history = self._prompt_messages(history)
+        guard = None
+        if notices:  # this turn only: the model is told, and its reply is checked sentence by sentence
+            prompt_history = reply_check.with_instruction(
+                prompt_history, reply_check.turn_instruction([n.category for n in notices],
+                                                             self.rules.message_number(self.languages)))
+            guard = reply_check.ReplyGuard(self.rules.numbers())
         # Raises GenerationError (on the first next()) for a message that cannot fit; nothing is recorded.
         kept, _, dropped = self.engine.fit(prompt_history, s.max_tokens)
         yield from notices
@@ -155,10 +168,28 @@ class ChatSession:
                 if chunk.finish_reason is not None:
                     last = chunk
                     break
+                if guard is not None:
+                    shown = guard.feed(chunk.text)
+                    if not shown:
+                        continue
+                    chunk = dataclasses.replace(chunk, text=shown)
                 parts.append(chunk.text)
                 yield chunk
             if last is None:  # the engine stream ended without a final chunk (should not happen)
                 last = GenerationResponse(text="", finish_reason="cancelled")
+            if guard is not None:
+                tail = guard.flush()
+                if tail:
+                    parts.append(tail)
+                    yield GenerationResponse(text=tail, prompt_tokens=last.prompt_tokens,
+                                             completion_tokens=last.completion_tokens, ttft_s=last.ttft_s)
+                if guard.removed:
+                    log.warning("removed %d reply sentence(s) contradicting the emergency notice: %s",
+                                len(guard.removed), guard.reasons)
+                    note = "\n\n" + reply_check.note_text(len(guard.removed), self.languages)
+                    parts.append(note)
+                    yield reply_check.ReplyCheckNote(text=note, removed=list(guard.removed),
+                                                     reasons=list(guard.reasons))
             if last.finish_reason != "cancelled":
                 for extra in self._framing("".join(parts)):
                     parts.append(extra)
@@ -327,9 +358,12 @@ class ChatSession:
         self._last_dropped = 0
         self._forget_summary()
 
-    def reset(self) -> None:
-        """A new conversation with the same domain and system prompt."""
+    def reset(self, auto: bool = False) -> None:
+        """A new conversation with the same domain and system prompt; `auto=True`: the domain is detected
+        again from the new conversation's first message."""
         self.messages = self.messages[:1]
+        if auto:
+            self._auto = True
         self._last_dropped = 0
         self._forget_summary()
 

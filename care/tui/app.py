@@ -121,6 +121,7 @@ class CareChatApp(App[int]):
         self.store = store if store is not None else ChatStore()
         # "auto": the session picks the domain from the first message; then it is shown and saved.
         self.domain = domain if domain in (*DOMAINS, "auto") else "general"
+        self._auto_domain = self.domain == "auto"  # Ctrl+N detects the new chat's domain again
         self.languages = languages
         self.system = system
         self.sampling = sampling
@@ -436,8 +437,9 @@ class CareChatApp(App[int]):
             return
         self._clear_conversation()
         self.chat_id = None
+        self.domain = "auto" if self._auto_domain else self.domain
         if self.session is not None:
-            self.session.reset()
+            self.session.reset(auto=self._auto_domain)
         self.update_status()
 
     def action_domain(self) -> None:
@@ -449,6 +451,7 @@ class CareChatApp(App[int]):
 
     def set_domain(self, domain: str) -> None:
         self.domain = domain
+        self._auto_domain = False  # the user chose
         if self.session is not None:
             self.session.domain = domain
         note = f"Domain: {domain}. {system_prompt(domain)}"
