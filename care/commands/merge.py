@@ -18,7 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from care.train.distributed import refuse_in_launch
     from care.train.merge import merge_adapter
+
+    refuse_in_launch("merge")
 
     report = merge_adapter(args.adapter, args.out, method=args.method, verify=not args.no_verify,
                            tolerance=args.tolerance)

@@ -119,11 +119,18 @@ def load_tokenizer(base: str):
 def bnb_config(quant_cfg: dict[str, Any]):
     from transformers import BitsAndBytesConfig
 
+    from care.train.distributed import sharding
+
+    dtype = compute_dtype(quant_cfg.get("compute_dtype", "auto"))
+    extra = {}
+    if sharding():  # FSDP/ZeRO-3 shard flat tensors of one dtype: the packed 4-bit weights must share it
+        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_cfg.get("quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(quant_cfg.get("double_quant", True)),
-        bnb_4bit_compute_dtype=compute_dtype(quant_cfg.get("compute_dtype", "auto")),
+        bnb_4bit_compute_dtype=dtype,
+        **extra,
     )
 
 
@@ -139,7 +146,11 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
 
         require("bitsandbytes", "train")
         kwargs["quantization_config"] = bnb_config(quant_cfg)
-        kwargs["device_map"] = {"": device() if device() == "cpu" else 0}
+        from care.train.distributed import local_rank, sharding
+
+        # Each DDP process loads onto its own GPU; FSDP/ZeRO-3 place the shards themselves (no device map).
+        if not sharding():
+            kwargs["device_map"] = {"": device() if device() == "cpu" else local_rank()}
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     except OSError as exc:
@@ -149,7 +160,9 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
         raise TrainingError(f"Could not load base model '{base}' ({'4-bit' if quantize else 'full'}): {exc}",
                             hint="Try --no-quant for plain LoRA") from exc
     if not quantize and device() == "cuda":
-        model = model.to("cuda")
+        from care.train.distributed import local_rank
+
+        model = model.to(f"cuda:{local_rank()}")
     return model
 
 
