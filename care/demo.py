@@ -417,7 +417,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, smoke: bool = False,
 
         mcfg = recipe.merge or {}
         rpt = merge_adapter(state["adapter"], out / "merged", method=mcfg.get("method", "reload"), verify=True,
-                            tolerance=float(mcfg.get("tolerance", 1e-3)))
+                            tolerance=None if mcfg.get("tolerance") is None else float(mcfg["tolerance"]))
         rec.details = _jsonable(rpt)
         rec.summary = (f"{rpt.method}: max |Δlogit| {rpt.max_abs_diff:.2g} vs the adapter model, "
                        f"top-1 agreement {rpt.top1_agreement:.3f}")
