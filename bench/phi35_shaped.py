@@ -88,6 +88,42 @@ def _tokenizer(out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def write_sentencepiece_model(out: Path) -> Path:
+    """tokenizer.model (a SentencePiece ModelProto) from the same vocabulary GGUF: llama.cpp's converter reads
+    Phi-3's vocabulary from tokenizer.model alone (the added tokens from tokenizer.json). Pieces, scores and
+    types are the GGUF's first 32,000 tokens; the spec is Llama-2/Phi-3's (BPE, byte fallback, dummy prefix,
+    no normalization)."""
+    import gguf
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from care.export.converter import phi3_vocab
+
+    reader = gguf.GGUFReader(str(phi3_vocab()))
+    fields = reader.fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    m = sp_pb2.ModelProto()
+    m.trainer_spec.model_type = sp_pb2.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = 32000
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    m.normalizer_spec.remove_extra_whitespaces = False
+    m.normalizer_spec.escape_whitespaces = True
+    # GGUF token types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte) are SentencePiece's.
+    kinds = {1: sp_pb2.ModelProto.SentencePiece.NORMAL, 2: sp_pb2.ModelProto.SentencePiece.UNKNOWN,
+             3: sp_pb2.ModelProto.SentencePiece.CONTROL, 4: sp_pb2.ModelProto.SentencePiece.USER_DEFINED,
+             5: sp_pb2.ModelProto.SentencePiece.UNUSED, 6: sp_pb2.ModelProto.SentencePiece.BYTE}
+    for text, score, kind in list(zip(tokens, scores, types, strict=True))[:32000]:
+        piece = m.pieces.add()
+        piece.piece, piece.score, piece.type = text, float(score), kinds.get(int(kind), kinds[1])
+    path = Path(out) / "tokenizer.model"
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
 def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
     """Build the folder (once: an existing complete folder is reused). Returns `out`."""
     import torch
@@ -95,6 +131,8 @@ def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
 
     out = Path(out)
     if (out / ".complete").is_file():
+        if not (out / "tokenizer.model").is_file():  # folders built before it was added
+            write_sentencepiece_model(out)
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +142,7 @@ def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000}) + "\n")
     _tokenizer(tmp)
+    write_sentencepiece_model(tmp)
     gen = torch.Generator().manual_seed(seed)
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}

@@ -22,9 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from care.train.config import load_recipe
-    from care.train.sft import train
-
     from care.train.distributed import is_main_process, world_size
+    from care.train.sft import train
 
     recipe = load_recipe(args.recipe, smoke=args.smoke, overrides=args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
