@@ -139,6 +139,9 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
     compute dtype)."""
     from transformers import AutoModelForCausalLM
 
+    from care.train.distributed import local_rank, sharding
+    from care.train.lowmem import from_pretrained
+
     quant_cfg = quant_cfg or {}
     kwargs: dict[str, Any] = {"dtype": dtype or compute_dtype(quant_cfg.get("compute_dtype", "auto"))}
     if quantize:
@@ -146,13 +149,11 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
 
         require("bitsandbytes", "train")
         kwargs["quantization_config"] = bnb_config(quant_cfg)
-        from care.train.distributed import local_rank, sharding
-
         # Each DDP process loads onto its own GPU; FSDP/ZeRO-3 place the shards themselves (no device map).
         if not sharding():
             kwargs["device_map"] = {"": device() if device() == "cpu" else local_rank()}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    try:  # FSDP/ZeRO-3 have their own loading (rank 0 reads, the others build on meta): leave it to them
+        model = (AutoModelForCausalLM.from_pretrained if sharding() else from_pretrained)(base, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"Could not load base model '{base}': {exc}",
                                  hint="Use a local model folder (HF_HUB_OFFLINE=1 blocks the hub)") from exc
@@ -160,8 +161,6 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
         raise TrainingError(f"Could not load base model '{base}' ({'4-bit' if quantize else 'full'}): {exc}",
                             hint="Try --no-quant for plain LoRA") from exc
     if not quantize and device() == "cuda":
-        from care.train.distributed import local_rank
-
         model = model.to(f"cuda:{local_rank()}")
     return model
 
