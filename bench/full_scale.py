@@ -54,6 +54,11 @@ def _sampler(pid: int, peaks: dict[str, int], stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             kids = root.children(recursive=True)
+            # The stage's own process, split into anonymous memory and mapped file pages (the latter are
+            # clean page cache the kernel can drop; RSS counts both).
+            mem = root.memory_full_info()
+            peaks["main anon"] = max(peaks.get("main anon", 0), mem.rss - mem.shared)
+            peaks["main file-backed"] = max(peaks.get("main file-backed", 0), mem.shared)
         except psutil.Error:
             break
         for k in kids:
@@ -146,6 +151,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="build,train,merge,export,chat")
     ap.add_argument("--out", default=None, help="JSON results (default: WORK/full_scale.json)")
+    ap.add_argument("--export-from", choices=("merged", "base"), default="merged",
+                    help="export the merged model (default) or the base folder (same shape and size)")
     args = ap.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -194,7 +201,8 @@ def main() -> int:
                                                    str(merged)], env, work)
         save()
     if "export" in only:
-        stages["export"] = run_stage("export", py + ["-m", "care", "export", "gguf", str(merged), "--out",
+        source = merged if args.export_from == "merged" else base
+        stages["export"] = run_stage("export", py + ["-m", "care", "export", "gguf", str(source), "--out",
                                                      str(gguf), "--q4_k_m", "--threads", str(args.threads)],
                                      env, work)
         save()

@@ -140,3 +140,16 @@ def test_sharded_qlora_stores_4bit_in_compute_dtype(monkeypatch, plugin):
         monkeypatch.setenv(plugin, "true")
     cfg = bnb_config({"compute_dtype": "bfloat16"})
     assert cfg.bnb_4bit_quant_storage == (torch.bfloat16 if plugin else torch.uint8)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("multi_gpu.yaml", "MULTI_GPU"), ("fsdp_qlora.yaml", "FSDP"),
+                                            ("deepspeed_zero3_qlora.yaml", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(REPO / "recipes" / "accelerate" / name))
+    assert cfg.distributed_type.value == kind and cfg.num_processes >= 2
+    if kind == "FSDP":  # QLoRA under FSDP: CPU-efficient loading synced from rank 0, as in PEFT's example
+        assert cfg.fsdp_config["fsdp_cpu_ram_efficient_loading"] and cfg.fsdp_config["fsdp_sync_module_states"]
+    if kind == "DEEPSPEED":
+        assert cfg.deepspeed_config["zero_stage"] == 3

@@ -193,9 +193,9 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
         trained = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
         trained_logits = _logits(trained, enc)
         del trained, q
-        import gc
+        from care.train.lowmem import release_memory
 
-        gc.collect()
+        release_memory()
     candidates = []
     for m in methods:
         if m == "dequantize":
