@@ -26,6 +26,8 @@ import json
 import time
 from pathlib import Path
 
+from phi35_shaped import PHI35_CONFIG  # bench/ is on sys.path when a bench script runs
+
 from care.models import embedded_gguf
 from care.paths import cache_dir
 from care.runtime.bench import BenchConfig, run_isolated
@@ -53,9 +55,13 @@ def quantize(src: Path, dst: Path, ftype: str = "Q4_K_M", threads: int = 2) -> P
     return dst
 
 
-# Phi-3.5-mini-instruct's config.json, as llama.cpp's converter writes it into a GGUF (conversion/phi.py).
-PHI35 = {"hidden": 3072, "ffn": 8192, "layers": 32, "heads": 32, "kv_heads": 32, "context": 131072,
-         "orig_context": 4096, "sliding_window": 262144, "rope_theta": 10000.0, "rms_eps": 1e-5}
+# Phi-3.5-mini-instruct's config.json (one copy, shared with the HF-folder builder bench/phi35_shaped.py),
+# as llama.cpp's converter writes it into a GGUF (conversion/phi.py).
+_C = PHI35_CONFIG
+PHI35 = {"hidden": _C["hidden_size"], "ffn": _C["intermediate_size"], "layers": _C["num_hidden_layers"],
+         "heads": _C["num_attention_heads"], "kv_heads": _C["num_key_value_heads"],
+         "context": _C["max_position_embeddings"], "orig_context": _C["original_max_position_embeddings"],
+         "sliding_window": _C["sliding_window"], "rope_theta": _C["rope_theta"], "rms_eps": _C["rms_norm_eps"]}
 
 
 def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:

@@ -1,4 +1,4 @@
-"""`python -m care`: the same as the `care` command."""
+"""`python -m care ...`: the `care` command (also what `accelerate launch -m care train ...` runs on every process)."""
 
 import sys
 

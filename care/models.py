@@ -147,3 +147,18 @@ def list_models() -> list[dict[str, str]]:
             where = f"hub id {info.hub_id} or a local folder"
         rows.append({"name": info.name, "description": info.description, "license": info.license, "where": where})
     return rows
+
+
+def stored_dtype(model_dir: str | os.PathLike[str]) -> str:
+    """The dtype a HF model folder's weights are stored in, as its config says: "bfloat16" or "float16" when
+    16-bit, else "float32". Large 16-bit checkpoints are merged and verified in their own dtype, so a 3.8B
+    model needs ~1x its size in memory, not the 2x of an fp32 copy."""
+    import json
+
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    stored = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return stored if stored in ("bfloat16", "float16") else "float32"

@@ -13,15 +13,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("reload", "dequantize", "both"), default="reload",
                         help="reload: base in full precision + adapter (usual); dequantize: the NF4 base "
                              "trained against, dequantized + adapter; both: build both, keep the closer one")
-    parser.add_argument("--tolerance", type=float, default=1e-3, help="max |logit diff| merged vs adapter model")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max |logit diff| merged vs adapter model (default 1e-3 in fp32, 5e-2 in bf16)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="merge and save in this dtype (auto: the base's own 16-bit dtype, else float32)")
     parser.add_argument("--no-verify", action="store_true", help="skip the logit check (not recommended)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from care.train.distributed import refuse_in_launch
     from care.train.merge import merge_adapter
 
+    refuse_in_launch("merge")
+
     report = merge_adapter(args.adapter, args.out, method=args.method, verify=not args.no_verify,
-                           tolerance=args.tolerance)
+                           tolerance=args.tolerance, dtype=args.dtype)
     for c in report.candidates:
         trained = c.get("trained_max_abs_diff")
         extra = f", vs trained NF4 model {trained:.3g} (top-1 {c['trained_top1_agreement']:.3f})" if trained \

@@ -22,13 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from care.train.config import load_recipe
+    from care.train.distributed import is_main_process, world_size
     from care.train.sft import train
 
     recipe = load_recipe(args.recipe, smoke=args.smoke, overrides=args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    print(f"Training {recipe.name} -> {out}", file=sys.stderr)
+    main = is_main_process()  # under accelerate launch every process runs this; one of them reports
+    if main:
+        n = world_size()
+        print(f"Training {recipe.name} -> {out}" + (f" ({n} processes)" if n > 1 else ""), file=sys.stderr)
     result = train(recipe, out, resume=args.resume, strict=args.strict, no_quant=args.no_quant,
                    max_steps=args.max_steps)
+    if not main:
+        return 130 if result.interrupted else 0
     m = result.metrics
     if result.interrupted:
         print(f"Stopped at step {m.get('global_step')}; checkpoint saved in {out}. "

@@ -335,12 +335,14 @@ def verify_many(
     texts: tuple[str, ...] = EVAL_TEXTS,
     fail: bool = True,
     timeout: float | None = None,
-    hf_dtype: str = "float32",
+    hf_dtype: str = "auto",
     loras: dict[str, Path] | None = None,
     quants: dict[str, str] | None = None,
     logits_out: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Verify several GGUFs (quant -> path) of one HF model; the HF reference is computed once.
+    """Verify several GGUFs (quant -> path) of one HF model; the HF reference is computed once, in
+    `hf_dtype` (auto: the checkpoint's own 16-bit dtype, else float32; an fp32 copy of a 16-bit 3.8B model
+    would need 15 GB).
 
     `loras` (label -> adapter GGUF) applies a LoRA adapter on top of that label's file, and `quants`
     (label -> quant) names the KL limit when a label is not a quant name (`care export gguf-lora`).
@@ -361,6 +363,10 @@ def verify_many(
         from care.runtime.engine import default_threads
 
         n_threads = default_threads()
+    if hf_dtype == "auto":
+        from care.models import stored_dtype
+
+        hf_dtype = stored_dtype(hf_dir)
     ref = _hf_reference(hf_dir, max_tokens, texts, hf_dtype)
     report: dict[str, Any] = {"source": str(hf_dir.resolve()), "n_ctx": n_ctx, "hf_dtype": hf_dtype, "eval_tokens": sum(
         len(s) for s in ref["seqs"]), "hf_params": ref["n_params"], "files": {}, "failures": []}

@@ -215,7 +215,7 @@ def stage_merge(ctx: RunContext, rec: StageRecord) -> None:
 
     mcfg = ctx.recipe.merge or {}
     rpt = merge_adapter(ctx.adapter, ctx.out / "merged", method=mcfg.get("method", "reload"), verify=True,
-                        tolerance=float(mcfg.get("tolerance", 1e-3)))
+                        tolerance=None if mcfg.get("tolerance") is None else float(mcfg["tolerance"]))
     rec.details = _jsonable(rpt)
     rec.summary = (f"{rpt.method}: max |Δlogit| {rpt.max_abs_diff:.2g} vs the adapter model, "
                    f"top-1 agreement {rpt.top1_agreement:.3f}")

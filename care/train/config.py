@@ -50,7 +50,7 @@ training:
   packing: false
   completion_only: true             # loss on assistant turns only (end-of-turn token kept)
   gradient_checkpointing: false
-merge: {method: reload}             # reload | dequantize | both; tolerance: 1e-3
+merge: {method: reload}             # reload | dequantize | both; tolerance (default 1e-3 fp32, 5e-2 bf16)
 export: {...}                       # read by care.export
 eval: {...}                         # read by care.eval
 smoke: {training.max_steps: 2, data.sources.0.limit: 16}   # dotted overrides applied with --smoke
@@ -115,7 +115,7 @@ DEFAULTS: dict[str, Any] = {
         "gradient_checkpointing": False,
         "max_grad_norm": 1.0,
     },
-    "merge": {"method": "reload", "tolerance": 1e-3},
+    "merge": {"method": "reload", "tolerance": None},  # None: per merge dtype (care.train.merge.TOLERANCE)
     "export": {},
     "eval": {},
     "smoke": {"training.max_steps": 2, "training.logging_steps": 1, "training.eval_steps": 2,

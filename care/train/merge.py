@@ -7,6 +7,11 @@ LoRA update: measured here, it erased a SmolLM2 fine-tune. Two sound ways instea
 Both are checked against the adapter model (merged vs unmerged logits on held-out prompts: max abs diff and
 top-1 agreement; above tolerance is an error) and, for a QLoRA adapter, against the trained function itself
 (NF4 base + adapter), so the report says which method is closer.
+
+Precision: `reload` merges in the base checkpoint's own dtype when that is 16-bit (Phi-3.5-mini ships bf16)
+and saves the merged model in it, so a 3.8B merge needs ~1x the 16-bit size in memory (fp32 would double it
+and the saved folder); fp32 checkpoints (the embedded SmolLM2, test models) stay fp32. The NF4 reference
+(trained function) is computed first and freed before the 16-bit base loads, so both never share memory.
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from care.io import write_json
 log = logging.getLogger(__name__)
 
 MERGE_INFO = "care_merge.json"
+# Default max |Δlogit| merged vs unmerged per merge dtype: fp32 sums differ by ~1e-6; 16-bit rounds the merged
+# weights and every activation (bf16 keeps 8 bits of mantissa), so the same merge differs by ~1e-2 there.
+TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
 # Held-out prompts for the logit check (not from any training set).
 VERIFY_PROMPTS = [
     "How do I reset my online banking password?",
@@ -89,6 +97,17 @@ def compare(a, b, mask) -> tuple[float, float]:
     return float(diff), float(agree)
 
 
+def merge_dtype(base: str, requested: str = "auto") -> str:
+    """The dtype to merge and save in: `requested`, or for auto the base checkpoint's dtype if 16-bit."""
+    from care.models import stored_dtype
+
+    if requested == "auto":
+        return stored_dtype(base)
+    if requested not in TOLERANCE:
+        raise InvalidModelError(f"Unknown merge dtype {requested!r}", hint="Use auto, float32, bfloat16 or float16")
+    return requested
+
+
 def _dequantized_base(base: str, quant: dict[str, Any]):
     """The fp32 base whose Linear weights are exactly the dequantized NF4 weights trained against."""
     import torch
@@ -134,12 +153,15 @@ def _generation_config(model, tokenizer, base: str):
 
 
 def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "reload", verify: bool = True,
-                  tolerance: float = 1e-3, prompts: list[str] | None = None) -> MergeReport:
+                  tolerance: float | None = None, prompts: list[str] | None = None,
+                  dtype: str = "auto") -> MergeReport:
     """Merge `adapter_dir` into its base and save a standalone model in `out_dir`.
 
     method: reload | dequantize | both (both: build and verify both, save the one closer to the trained
-    function). Raises VerificationError when the merged logits differ from the unmerged adapter model's by
-    more than `tolerance` (max abs) or top-1 agreement is below 99%."""
+    function). dtype: what `reload` merges and saves in (auto: the base checkpoint's 16-bit dtype, else
+    fp32; dequantize always works in fp32). Raises VerificationError when the merged logits differ from the
+    unmerged adapter model's by more than `tolerance` (max abs; default per dtype, TOLERANCE) or top-1
+    agreement is below 99%."""
     import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -153,6 +175,7 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
     base = info["base_model"]
     quantized = bool(info.get("quantized"))
     quant = info.get("quant") or {}
+    reload_dtype = merge_dtype(base, dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -164,6 +187,15 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
     if method == "dequantize" and not quantized:
         log.info("adapter was trained without quantization: dequantize is the same as reload")
         methods = ["reload"]
+    if quantized and methods == ["reload"]:
+        # The trained function first, then free it: the NF4 model and the 16-bit base never coexist.
+        q = load_model(base, quant, quantize=True)
+        trained = PeftModel.from_pretrained(q, str(adapter_dir)).eval()
+        trained_logits = _logits(trained, enc)
+        del trained, q
+        from care.train.lowmem import release_memory
+
+        release_memory()
     candidates = []
     for m in methods:
         if m == "dequantize":
@@ -174,13 +206,14 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
                 del trained
             del q
         else:
-            fp = load_model(base, quant, quantize=False, dtype=torch.float32)
+            fp = load_model(base, quant, quantize=False, dtype=getattr(torch, reload_dtype))
         peft_model = PeftModel.from_pretrained(fp, str(adapter_dir)).eval()
         unmerged = _logits(peft_model, enc)
         merged = peft_model.merge_and_unload().eval()
         merged_logits = _logits(merged, enc)
         diff, agree = compare(merged_logits, unmerged, mask)
-        cand = {"method": m, "max_abs_diff": diff, "top1_agreement": agree, "model": merged}
+        cand = {"method": m, "max_abs_diff": diff, "top1_agreement": agree, "model": merged,
+                "dtype": reload_dtype if m == "reload" else "float32", "logits": merged_logits}
         candidates.append(cand)
     if quantized and trained_logits is None:
         q = load_model(base, quant, quantize=True)
@@ -190,39 +223,42 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
     for cand in candidates:
         if trained_logits is not None:
             cand["trained_max_abs_diff"], cand["trained_top1_agreement"] = compare(
-                _logits(cand["model"], enc), trained_logits, mask)
+                cand["logits"], trained_logits, mask)
     chosen = min(candidates, key=lambda c: c.get("trained_max_abs_diff", c["max_abs_diff"]))
-    public = [{k: v for k, v in c.items() if k != "model"} for c in candidates]
+    public = [{k: v for k, v in c.items() if k not in ("model", "logits")} for c in candidates]
     report = MergeReport(method=chosen["method"], out_dir=out_dir, max_abs_diff=chosen["max_abs_diff"],
                          top1_agreement=chosen["top1_agreement"],
                          trained_max_abs_diff=chosen.get("trained_max_abs_diff"),
-                         trained_top1_agreement=chosen.get("trained_top1_agreement"), tolerance=tolerance,
+                         trained_top1_agreement=chosen.get("trained_top1_agreement"),
+                         tolerance=tolerance if tolerance is not None else TOLERANCE[chosen["dtype"]],
                          candidates=public)
     for c in public:
         log.info("merge %s: max|Δlogit| %.3g vs unmerged, top-1 %.3f; vs trained %s", c["method"],
                  c["max_abs_diff"], c["top1_agreement"], c.get("trained_max_abs_diff"))
     if verify:
         for c in public:
-            if c["max_abs_diff"] > tolerance or c["top1_agreement"] < 0.99:
+            tol = tolerance if tolerance is not None else TOLERANCE[c["dtype"]]
+            if c["max_abs_diff"] > tol or c["top1_agreement"] < 0.99:
                 raise VerificationError(
-                    f"Merged model ({c['method']}) differs from the adapter model: max |Δlogit| "
-                    f"{c['max_abs_diff']:.3g} > {tolerance:g} or top-1 agreement {c['top1_agreement']:.3f} < 0.99",
+                    f"Merged model ({c['method']}, {c['dtype']}) differs from the adapter model: max |Δlogit| "
+                    f"{c['max_abs_diff']:.3g} > {tol:g} or top-1 agreement {c['top1_agreement']:.3f} < 0.99",
                     path=adapter_dir, hint="Check that the adapter matches its base model; nothing was saved")
-    _save(chosen["model"], tokenizer, base, adapter_dir, out_dir, info, report)
+    _save(chosen["model"], tokenizer, base, adapter_dir, out_dir, info, report, chosen["dtype"])
     return report
 
 
 def _save(model, tokenizer, base: str, adapter_dir: Path, out_dir: Path, info: dict[str, Any],
-          report: MergeReport) -> None:
+          report: MergeReport, dtype: str = "float32") -> None:
     import torch
 
     from care.io import check_free_space
 
-    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    wanted = getattr(torch, dtype)
+    n_bytes = sum(p.numel() * wanted.itemsize for p in model.parameters())
     check_free_space(out_dir.parent if not out_dir.exists() else out_dir, n_bytes, "merged model")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = model.to(torch.float32)
+    model = model.to(wanted)
     model.generation_config = _generation_config(model, tokenizer, base)
     model.save_pretrained(str(tmp))
     if info.get("chat_template"):  # the model's real template, never the training variant

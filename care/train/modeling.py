@@ -119,11 +119,18 @@ def load_tokenizer(base: str):
 def bnb_config(quant_cfg: dict[str, Any]):
     from transformers import BitsAndBytesConfig
 
+    from care.train.distributed import sharding
+
+    dtype = compute_dtype(quant_cfg.get("compute_dtype", "auto"))
+    extra = {}
+    if sharding():  # FSDP/ZeRO-3 shard flat tensors of one dtype: the packed 4-bit weights must share it
+        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_cfg.get("quant_type", "nf4"),
         bnb_4bit_use_double_quant=bool(quant_cfg.get("double_quant", True)),
-        bnb_4bit_compute_dtype=compute_dtype(quant_cfg.get("compute_dtype", "auto")),
+        bnb_4bit_compute_dtype=dtype,
+        **extra,
     )
 
 
@@ -132,6 +139,9 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
     compute dtype)."""
     from transformers import AutoModelForCausalLM
 
+    from care.train.distributed import local_rank, sharding
+    from care.train.lowmem import from_pretrained
+
     quant_cfg = quant_cfg or {}
     kwargs: dict[str, Any] = {"dtype": dtype or compute_dtype(quant_cfg.get("compute_dtype", "auto"))}
     if quantize:
@@ -139,9 +149,11 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
 
         require("bitsandbytes", "train")
         kwargs["quantization_config"] = bnb_config(quant_cfg)
-        kwargs["device_map"] = {"": device() if device() == "cpu" else 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+        # Each DDP process loads onto its own GPU; FSDP/ZeRO-3 place the shards themselves (no device map).
+        if not sharding():
+            kwargs["device_map"] = {"": device() if device() == "cpu" else local_rank()}
+    try:  # FSDP/ZeRO-3 have their own loading (rank 0 reads, the others build on meta): leave it to them
+        model = (AutoModelForCausalLM.from_pretrained if sharding() else from_pretrained)(base, **kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"Could not load base model '{base}': {exc}",
                                  hint="Use a local model folder (HF_HUB_OFFLINE=1 blocks the hub)") from exc
@@ -149,7 +161,7 @@ def load_model(base: str, quant_cfg: dict[str, Any] | None, quantize: bool, dtyp
         raise TrainingError(f"Could not load base model '{base}' ({'4-bit' if quantize else 'full'}): {exc}",
                             hint="Try --no-quant for plain LoRA") from exc
     if not quantize and device() == "cuda":
-        model = model.to("cuda")
+        model = model.to(f"cuda:{local_rank()}")
     return model
 
 

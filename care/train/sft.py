@@ -8,6 +8,11 @@ in the top folder starting from the stage-1 adapter.
 SIGINT/SIGTERM finish the current optimizer step, save a checkpoint and return (interrupted=True);
 `resume=True` continues from the newest checkpoint with the same data order (the Trainer's seeded sampler
 skips the batches already seen, and RNG/optimizer/scheduler states come back from the checkpoint).
+
+Under `accelerate launch` / `torchrun` the same code runs once per process: the Trainer shards each batch
+across processes (its dataloader goes through accelerate), DDP averages the gradients, and only rank 0
+writes files (the Trainer guards checkpoints itself; the guards here cover metrics.jsonl, loss.png,
+resolved_config.yaml, data_report.json, train_result.json and the final adapter).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from care.errors import TrainingError
 from care.io import write_json, write_text
 from care.progress import LineProgress, on_terminal
 from care.train.config import Recipe
+from care.train.distributed import is_distributed, is_main_process, sharding
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +103,14 @@ def _callbacks(metrics_path: Path, stop_flag: dict[str, Any], batch_samples: int
     from transformers import TrainerCallback
 
     class MetricsCallback(TrainerCallback):
-        """One JSON line per log event, with throughput computed between log events."""
+        """One JSON line per log event, with throughput computed between log events. Every process keeps
+        the rows (the logged loss is already averaged over processes); only the main one writes them."""
 
         def __init__(self) -> None:
             self.t = time.perf_counter()
             self.step = 0
             self.tokens = 0.0
+            self.rows: list[dict[str, Any]] = []
 
         def on_train_begin(self, args, state, control, **kw):
             self.t, self.step = time.perf_counter(), state.global_step
@@ -123,8 +131,10 @@ def _callbacks(metrics_path: Path, stop_flag: dict[str, Any], batch_samples: int
             for k, v in logs.items():
                 if isinstance(v, (int, float)):
                     row[k] = v
-            with metrics_path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+            self.rows.append(row)
+            if is_main_process():
+                with metrics_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(row) + "\n")
 
     class LineProgressCallback(TrainerCallback):
         """Off a terminal: one line per logging step (step/total, loss, ETA) instead of the tqdm bar."""
@@ -203,6 +213,13 @@ def _sft_config(recipe: Recipe, out: Path, has_val: bool, assistant_only: bool, 
         log.info("save_steps set to %d (a multiple of eval_steps) for best-checkpoint selection", save_steps)
     steps = max_steps if max_steps is not None else int(t.get("max_steps") or -1)
     completion_only = bool(t.get("completion_only", True))
+    extra: dict[str, Any] = {}
+    if is_distributed():
+        # Every LoRA weight gets a gradient each step: no unused-parameter search (it also clashes with
+        # gradient checkpointing under DDP).
+        extra["ddp_find_unused_parameters"] = False
+        if on_cpu:
+            extra["ddp_backend"] = "gloo"
     return SFTConfig(
         output_dir=str(out),
         per_device_train_batch_size=int(t["batch"]),
@@ -239,6 +256,7 @@ def _sft_config(recipe: Recipe, out: Path, has_val: bool, assistant_only: bool, 
         dataloader_num_workers=0,
         # Off a terminal the bar would be hundreds of carriage-return frames in the log: _LineProgress instead.
         disable_tqdm=bool(os.environ.get("CARE_NO_PROGRESS")) or not on_terminal(),
+        **extra,
     )
 
 
@@ -253,8 +271,14 @@ def _build_model(recipe: Recipe, base: str, quantize: bool, init_adapter: Path |
     set_seed(int(recipe.training.get("seed", 42)))
     model = load_model(base, recipe.quant, quantize)
     gc = bool(recipe.training.get("gradient_checkpointing", False))
-    if quantize:
+    if quantize and not sharding():
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+    elif quantize:
+        # FSDP/ZeRO-3 QLoRA (as trl does for sharded QLoRA): prepare_model_for_kbit_training would upcast
+        # the norms to fp32, and a sharded flat parameter needs one dtype throughout.
+        if gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if init_adapter is not None:
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True), None
     lc = recipe.lora
@@ -287,9 +311,9 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
     if resume and not last:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", out)
     metrics_path = out / "metrics.jsonl"
-    if last:
+    if is_main_process() and last:
         truncate_after(metrics_path, int(Path(last).name.split("-")[-1]))
-    else:
+    elif is_main_process():
         metrics_path.unlink(missing_ok=True)
 
     original_template = tokenizer.chat_template
@@ -324,8 +348,10 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
     with _Signals(flag):
         output = trainer.train(resume_from_checkpoint=last if last else None)
     elapsed = time.perf_counter() - t0
-    rows = read_metrics(metrics_path)
-    plot_curves(rows, out / "loss.png", title=f"{recipe.name} stage {stage}" if stage else recipe.name)
+    main = is_main_process()
+    rows = read_metrics(metrics_path) if main else metrics_cb.rows
+    if main:
+        plot_curves(rows, out / "loss.png", title=f"{recipe.name} stage {stage}" if stage else recipe.name)
     state = trainer.state
     evals = [r for r in rows if "eval_loss" in r]
     train_rows = [r for r in rows if "loss" in r]
@@ -350,12 +376,15 @@ def _run_stage(recipe: Recipe, out: Path, base: str, tokenizer, train_recs, val_
         ckpt = get_last_checkpoint(str(out))
         log.warning("stopped by %s at step %d; checkpoint %s", flag["signal"], state.global_step, ckpt)
         result = TrainResult(out, None, metrics, interrupted=True, best_checkpoint=state.best_model_checkpoint)
-        write_json(out / "train_result.json", result.to_dict() | {"checkpoint": ckpt})
+        if main:
+            write_json(out / "train_result.json", result.to_dict() | {"checkpoint": ckpt})
         return result
     # The adapter (best by validation loss when there is a validation set: load_best_model_at_end).
     _save_adapter(trainer, tokenizer, final, recipe, base, quantize, stage, original_template)
     result = TrainResult(out, final, metrics, best_checkpoint=state.best_model_checkpoint)
-    write_json(out / "train_result.json", result.to_dict())
+    if main:
+        write_json(out / "train_result.json", result.to_dict())
+    trainer.accelerator.wait_for_everyone()  # no rank moves on (stage 2, exit) before the adapter is on disk
     return result
 
 
@@ -364,8 +393,16 @@ def _save_adapter(trainer, tokenizer, final: Path, recipe: Recipe, base: str, qu
     import shutil
 
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
+    main = is_main_process()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:  # gather the sharded LoRA weights into one adapter file on rank 0
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    # Trainer.save_model: every rank joins (FSDP/ZeRO-3 gather the weights), only rank 0 writes.
+    trainer.save_model(str(tmp))
+    if not main:
+        return
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(tmp))
     info = {
@@ -415,7 +452,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, strict: 
 
     if "CARE_THREADS" in os.environ:
         torch.set_num_threads(max(1, int(os.environ["CARE_THREADS"])))
-    write_text(out / "resolved_config.yaml", recipe.to_yaml() + _resolved_precision(recipe))
+    if is_main_process():
+        write_text(out / "resolved_config.yaml", recipe.to_yaml() + _resolved_precision(recipe))
     base = resolve_base(recipe.model, recipe.resolve_path)
     tokenizer = load_tokenizer(base)
     if recipe.model.get("chat_template"):
@@ -427,7 +465,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, *, strict: 
                             hint="Set model.chat_template in the recipe (Jinja text or a file)")
     bundle = prepare_data(recipe, tokenizer, strict=strict)
     bundle.report["base_model"] = base
-    write_json(out / "data_report.json", bundle.report)
+    if is_main_process():
+        write_json(out / "data_report.json", bundle.report)
     quantize = bool(recipe.quant.get("load_in_4bit", True)) and not no_quant
     if len(bundle.stages) == 1:
         st = bundle.stages[0]
