@@ -19,7 +19,7 @@ Why this method (figures from `python bench/triage.py`, dev set never tuned on):
 caught 0.44 of emergencies written outside the project (issue 12); the extended lexicon alone reaches
 0.503 dev recall (0.118 false alarms on hard negatives); lexicon + classifier reach 0.980 [0.963, 0.990]
 (every category >= 0.926) with 0.1% false alarms on Banking77 + Bitext and 0.0% on MedQuAD questions, at
-~2 ms CPU a message and 0.3 MB on disk. A sentence-embedding model would cost tens of MB and ~10 ms a
+~1 ms CPU a message and 0.3 MB on disk. A sentence-embedding model would cost tens of MB and ~10 ms a
 message on one core before showing any gain on this data, so it was not used.
 
 Evidence: the classifier alone flags a message only when some word of it is neither a filler word (function
