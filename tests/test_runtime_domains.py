@@ -34,18 +34,21 @@ def _rates(texts, want):
     return got[want] / n, sum(v for k, v in got.items() if k not in (want, "general")) / n
 
 
-def test_banking77_test_split(shared_data):
+@pytest.mark.parametrize("step", [4, pytest.param(1, marks=pytest.mark.slow)])  # default suite: a fixed quarter
+def test_banking77_test_split(shared_data, step):
     rows = list(csv.DictReader(io.StringIO((shared_data / "banking77" / "test.csv").read_text(encoding="utf-8"))))
+    rows = rows[::step]
     acc, wrong = _rates([r["text"] for r in rows], "banking")
     print(f"banking77 test n={len(rows)}: banking {acc:.3f}, wrong specific domain {wrong:.3f}")
     assert acc >= 0.75 and wrong <= 0.02  # measured 0.803 / 0.010; the rest falls back to "general"
 
 
-def test_medical_questions(shared_data):
+@pytest.mark.parametrize("step", [4, pytest.param(1, marks=pytest.mark.slow)])  # default suite: a fixed subset
+def test_medical_questions(shared_data, step):
     with gzip.open(shared_data / "medquad" / "medquad.normalized.jsonl.gz", "rt", encoding="utf-8") as fh:
-        medquad = [json.loads(line)["query"] for line in fh][::8]  # every 8th: the triage runs first (~ms each)
+        medquad = [json.loads(line)["query"] for line in fh][:: 8 * step]  # the triage runs first (~ms each)
     mcqa = [json.loads(line)["question"]
-            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()][::4]
+            for line in (shared_data / "medmcqa" / "dev.json").read_text(encoding="utf-8").splitlines()][:: 4 * step]
     acc, wrong = _rates(medquad, "medical")
     print(f"medquad n={len(medquad)}: medical {acc:.3f}, wrong {wrong:.3f}")
     assert acc >= 0.95 and wrong <= 0.01  # keyword rules alone: 0.880; with the domain model see bench/triage.py

@@ -86,6 +86,39 @@ def test_conversation_context_carries_age(rules):
     assert notices and notices[0].category == "young_infant"
 
 
+# Short follow-ups and lone context facts: no symptom, so no flag (the classifier alone needs a word that is
+# not filler or a fact; see Context.evidence). Written for this test, not taken from any data set.
+@pytest.mark.parametrize("text", [
+    "and then?", "ok, what now", "so what do we do after that?", "right. and tomorrow?", "got it, thanks!",
+    "sorry, can you say that again?", "how many times?", "and if it doesn't work?",
+    "et ensuite ?", "ok merci beaucoup", "et alors ?", "d'accord, et demain ?", "c'est normal ?",
+    "y luego?", "vale, ¿y después?", "ok gracias", "¿y entonces qué hago?", "¿es normal?",
+    "my daughter is 7", "he's 2 years old", "I am 28 weeks pregnant", "she's diabetic",
+    "mon fils a 5 ans", "je suis enceinte de 6 mois", "mi bebé tiene 2 meses", "estoy embarazada",
+])
+def test_short_follow_ups_and_lone_facts_pass(rules, text):
+    result = rules.assess(text)
+    assert not result.emergency, (text, result)
+    # ... and after a fact, a follow-up still adds nothing.
+    assert not rules.assess(text, ["my baby is 3 weeks old"]).emergency, text
+
+
+def test_fact_then_symptom_flags_in_context(rules):
+    earlier = ["my baby is 3 weeks old"]
+    assert not rules.assess(earlier[0]).emergency  # the fact alone
+    result = rules.assess("she feels very hot and won't feed", earlier)
+    assert result.emergency and result.category == "young_infant", result
+    (notice, *_) = rules.check("elle a de la fièvre", ("fr",), ["mon bébé a 3 semaines"])
+    assert notice.category == "young_infant"
+
+
+def test_classifier_alone_needs_evidence(rules):
+    ctx = rules.context
+    assert ctx.evidence(triage.normalize("and now?")) == []
+    assert ctx.evidence(triage.normalize("my baby is 3 weeks old")) == []
+    assert ctx.evidence(triage.normalize("she won't feed")) == ["feed"]
+
+
 @pytest.mark.parametrize("text", [
     "How do I block my lost card?", "What is the exchange rate for pounds?",
     "my internet is slow since yesterday", "I'm dying to know my balance",

@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -67,14 +67,30 @@ class SafetyRule:
     needs: dict[re.Pattern[str], tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._flat = [(pat, self.needs.get(pat, ())) for pats in self.patterns.values() for pat in pats]
+        # Patterns by the longest word they need, so a message is tested against the few patterns whose
+        # word it holds (a Python loop over all ~1,300 patterns a message was the profiled cost of assess()).
+        self._free: list[re.Pattern[str]] = []  # patterns with no needed words: always tried
+        self._by_word: dict[str, list[tuple[re.Pattern[str], tuple[str, ...]]]] = {}
+        for pats in self.patterns.values():
+            for pat in pats:
+                needs = self.needs.get(pat, ())
+                if needs:
+                    self._by_word.setdefault(max(needs, key=len), []).append((pat, needs))
+                else:
+                    self._free.append(pat)
+        self.words = frozenset(self._by_word)
 
-    def scan(self, text: str, context: triage.Context | None, original: str | None = None) -> tuple[bool, bool]:
-        """(some pattern matched, a match counted: not cancelled by `context`)."""
+    def scan(self, text: str, context: triage.Context | None, original: str | None = None,
+             present: frozenset[str] | set[str] | None = None) -> tuple[bool, bool]:
+        """(some pattern matched, a match counted: not cancelled by `context`). `present`: the words of
+        `self.words` that occur in `text` (substrings), when the caller computed them already."""
+        if present is None:
+            present = {w for w in self.words if w in text}
+        cands = list(self._free)
+        for w in self.words & present:
+            cands.extend(pat for pat, needs in self._by_word[w] if all(n in text for n in needs))
         seen = False
-        for pat, needs in self._flat:
-            if needs and not all(w in text for w in needs):
-                continue
+        for pat in cands:
             for m in pat.finditer(text):
                 seen = True
                 if self.always_flag or context is None or context.cancels(text, m, original) is None:
@@ -123,12 +139,17 @@ class SafetyRules:
                 with_facts = self._assess_norm(facts + " . " + norm)
                 if result.emergency:  # flagged anyway: the facts may only name the category better
                     use = with_facts.emergency and with_facts.category != result.category and not result.hits
-                else:  # the message must add to what the facts say by themselves ("thanks" does not)
-                    use = with_facts.emergency and (not alone.emergency or with_facts.score > alone.score)
+                else:  # the message must add to what the facts say by themselves ("thanks" does not);
+                    # the facts' own score counts even though they never flag alone (no symptom in them).
+                    use = with_facts.emergency and with_facts.score > alone.score
                 if use:
                     with_facts.source += "+context"
                     return with_facts
         return result
+
+    @cached_property
+    def _words(self) -> frozenset[str]:
+        return frozenset().union(*(r.words for r in self.rules))
 
     def _assess_norm(self, norm: str) -> Assessment:
         variants = [norm]
@@ -140,11 +161,12 @@ class SafetyRules:
         # Categories whose phrases are present but were cancelled (negation, history, question, idiom):
         # the classifier needs CANCELLED_BAR to flag them anyway ("I don't have any chest pain").
         cancelled: set[str] = set()
+        present = {v: {w for w in self._words if w in v} for v in variants}
         for r in self.rules:
             if not r.enabled or r.category in self.disabled:
                 continue
             for v in variants:
-                seen, counted = r.scan(v, self.context, norm)
+                seen, counted = r.scan(v, self.context, norm, present[v])
                 if counted:
                     hits.append(r)
                     break
@@ -161,7 +183,10 @@ class SafetyRules:
             always = any(r.always_flag for r in hits)
             return Assessment(True, ranked[0], 1.0 if always else score, "always_flag" if always else "lexicon",
                               hits, ranked)
-        if cats and score >= self.model.threshold:  # type: ignore[union-attr]
+        # The classifier alone needs a word that could be a symptom: "and now?" or "my baby is 3 weeks old"
+        # says nothing of one (context facts count only with a symptom, see assess()).
+        evident = self.context is None or bool(self.context.evidence(norm))
+        if cats and evident and score >= self.model.threshold:  # type: ignore[union-attr]
             best = max(cats, key=cats.__getitem__)
             if best not in cancelled or score >= CANCELLED_BAR:
                 return Assessment(True, best, score, "classifier", [], [best])
@@ -252,7 +277,7 @@ def _compile(pattern: str, path: Path, rule_id: str) -> re.Pattern[str]:
 
 
 # Sections merged key by key (a clinic's list replaces the packaged one).
-_CONTEXT_KEYS = ("negation", "past", "present", "general", "personal", "idioms", "facts")
+_CONTEXT_KEYS = ("negation", "past", "present", "general", "personal", "idioms", "facts", "filler")
 
 
 def merge_rule_data(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
