@@ -213,17 +213,22 @@ def fetch_sdist(version: str | None = None) -> Path:
     cached.parent.mkdir(parents=True, exist_ok=True)
     check_free_space(cached.parent, 200 * 2**20, "llama-cpp-python source")
     with tempfile.TemporaryDirectory(prefix=".sdist-", dir=cached.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "-q"]
-        log.info("Fetching the llama-cpp-python %s source: %s", version, " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not files:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BuildError(f"Could not download the llama-cpp-python {version} sdist ({last})",
-                             hint=f"Connect to PyPI once, or set {SDIST_ENV} to a local {name}")
-        os.replace(files[0], cached)
+        os.replace(download_sdist(version, Path(tmp), hint=f"Connect to PyPI once, or set {SDIST_ENV} to a "
+                                  f"local {name}"), cached)
     return cached
+
+
+def download_sdist(version: str, dest: Path, *, hint: str) -> Path:
+    """pip-download the llama-cpp-python `version` sdist into `dest` (also what `care export setup` uses)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           f"llama-cpp-python=={version}", "-d", str(dest), "-q"]
+    log.info("Fetching the llama-cpp-python %s source: %s", version, " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    files = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not files:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError(f"Could not download the llama-cpp-python {version} sdist ({last})", hint=hint)
+    return files[0]
 
 
 def _extract_source(sdist: Path, dest: Path) -> Path:
