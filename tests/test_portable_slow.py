@@ -155,3 +155,19 @@ def test_aarch64_greedy_tokens_match_x86(tmp_path_factory, embedded_gguf, quant)
     matched = [m for m in range(N_TOKENS + 1) if arm_text == "".join(x86["pieces"][:m])]
     print(f"aarch64 {quant}: {seconds:.0f} s under qemu, {arm_text!r} vs x86 {''.join(x86['pieces'])!r}")
     assert matched and matched[-1] == N_TOKENS, (arm_text, x86["pieces"])
+
+
+@pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="qemu-aarch64 not installed (qemu-user)")
+def test_arm_bundle_holds_a_static_llama_cli_that_runs(tmp_path, embedded_gguf):
+    if llamacpp.find_tools(["llama-cli"], "linux-aarch64", _version()) is None:
+        pytest.skip("no cached aarch64 llama-cli: python -m care.toolchain.llamacpp tools llama-cli "
+                    "--target linux-aarch64")
+    from care.toolchain.bundle import build_bundle
+
+    bundle = build_bundle(embedded_gguf, tmp_path / "arm", target="linux-aarch64")
+    cli = bundle.folder / "bin" / "llama-cli"
+    assert b"ELF" in cli.read_bytes()[:4] and "bin/llama-cli" in (bundle.folder / "SHA256SUMS").read_text()
+    file_out = subprocess.run(["file", str(cli)], capture_output=True, text=True).stdout if shutil.which("file") else ""
+    assert not file_out or ("aarch64" in file_out and "statically linked" in file_out), file_out
+    proc = subprocess.run(["qemu-aarch64", str(cli), "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "version" in (proc.stdout + proc.stderr).lower()

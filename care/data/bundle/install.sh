@@ -47,6 +47,7 @@ free_kb=$(df -Pk "$PREFIX" | awk 'NR==2 {print $4}')
 
 # 4. Install into a temp folder; rename at the end.
 TMP=$(mktemp -d "$PREFIX/.app-new.XXXXXX")
+chmod 755 "$TMP"
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
 echo "Installing CARE Edge into $PREFIX ..."
