@@ -151,10 +151,33 @@ def test_aarch64_greedy_tokens_match_x86(tmp_path_factory, embedded_gguf, quant)
     out = proc.stdout[:-1] if proc.stdout.endswith("\n") else proc.stdout
     assert out.startswith(x86["echo"]), (out, x86["echo"])
     arm_text = out[len(x86["echo"]):]
-    # llama-simple prints the pieces of its greedy tokens; they must be x86's, in order, all N of them
-    matched = [m for m in range(N_TOKENS + 1) if arm_text == "".join(x86["pieces"][:m])]
     print(f"aarch64 {quant}: {seconds:.0f} s under qemu, {arm_text!r} vs x86 {''.join(x86['pieces'])!r}")
-    assert matched and matched[-1] == N_TOKENS, (arm_text, x86["pieces"])
+    assert_same_greedy(arm_text, x86)
+
+
+# ARM (NEON dotprod, Q4_0 repacked 4x4) and x86 (AVX-512) kernels round differently, by a few hundredths of a
+# logit. Where x86's best two tokens are closer than that, either pick is right; measured on the requantized
+# Q4_0 SmolLM2: a 0.05 gap between "\n" and "\n\n" at step 2, and ARM took "\n\n".
+NEAR_TIE = 0.1
+
+
+def assert_same_greedy(arm_text: str, x86: dict) -> None:
+    """ARM's greedy text equals x86's, or departs from it at a near-tie where ARM's text continues with
+    x86's runner-up. (llama-simple prints pieces, not ids, so "\n\n" as one token reads like two "\n": the
+    departure is attributed to the latest near-tie before the text stops matching.)"""
+    prefixes = [""]
+    for piece in x86["pieces"]:
+        prefixes.append(prefixes[-1] + piece)
+    if arm_text == prefixes[-1]:
+        return
+    j = max(i for i in range(len(prefixes)) if arm_text.startswith(prefixes[i]))  # pieces that still match
+    ties = [k for k in range(min(j + 1, len(x86["pieces"]))) if x86["margins"][k] < NEAR_TIE
+            and arm_text[len(prefixes[k]):].startswith(x86["runner_up"][k])]
+    assert ties, (f"ARM {arm_text!r} departs from x86 {prefixes[-1]!r} after {j} tokens, with no near-tie "
+                  f"(gaps {[round(m, 3) for m in x86['margins']]})")
+    k = ties[-1]
+    print(f"  departs at token {k}: a near-tie on x86 ({x86['margins'][k]:.3f} logits), ARM took the runner-up "
+          f"{x86['runner_up'][k]!r}")
 
 
 @pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="qemu-aarch64 not installed (qemu-user)")
