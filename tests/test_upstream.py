@@ -298,3 +298,15 @@ def test_gateway_over_a_real_llama_server(embedded_gguf):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_cli_errors_are_one_line(capsys):
+    from care.cli import main
+
+    port = _free_port()  # nothing listens there: refused before any model or server starts
+    assert main(["serve", "--upstream", f"http://127.0.0.1:{port}/v1", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"127.0.0.1:{port}" in err and "--upstream" in err and len(err.splitlines()) <= 2
+    assert main(["export", "setup", "--tools", "llama-nonsense"]) == 2  # checked before anything is built
+    err = capsys.readouterr().err.strip()
+    assert "llama-nonsense" in err and "llama-server" in err
