@@ -54,6 +54,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.closed_streams = threading.Event()  # a streaming response was torn down (client gone)
+        self.active = 0  # streams open now, and the most open at once
+        self.most_active = 0
 
     def app(self):
         from starlette.applications import Starlette
@@ -89,6 +91,15 @@ class FakeEngine:
                         yield "data: {not json\n\n"
                     if mode == "drop":
                         return  # the connection ends with no finish reason and no [DONE]
+                    if mode == "together":  # hold until 4 streams are open at once (or give up after 5 s)
+                        self.active += 1
+                        self.most_active = max(self.most_active, self.active)
+                        for _ in range(100):
+                            if self.most_active >= 4:
+                                break
+                            await asyncio.sleep(0.05)
+                        self.most_active = max(self.most_active, self.active)
+                        self.active -= 1
                     if mode == "slow":
                         for _ in range(400):  # ~20 s unless the client goes away
                             await asyncio.sleep(0.05)
@@ -210,6 +221,24 @@ def test_failure_after_the_notice_is_an_sse_error_event(gateway):
             events = _sse(r)
     assert events[1]["choices"][0]["delta"]["content"].startswith("[SAFETY chest_pain]")
     assert "malformed JSON" in events[-1]["error"]["message"] and "[DONE]" not in events
+
+
+def test_requests_reach_the_engine_concurrently(fake, gateway):
+    """No lock in the gateway: 4 clients are 4 open upstream streams at once (what lets llama-server batch)."""
+    engine, _ = fake
+    engine.most_active = 0
+    codes: list[int] = []
+
+    def one() -> None:
+        with _client(gateway) as c:
+            codes.append(c.post("/v1/chat/completions", json=_body("Tell me a fact MODE:together")).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert codes == [200] * 4 and engine.most_active == 4
 
 
 def test_client_disconnect_cancels_the_upstream_stream(fake, gateway):

@@ -76,6 +76,7 @@ class UpstreamBackend(ContextBudget):
         self._token_counts_lock = threading.Lock()
         self._cancel = threading.Event()
         self._response: Any = None
+        self._owner = True
         started = time.monotonic()
         self.llama_server = False
         props = self._probe_props()
@@ -210,6 +211,7 @@ class UpstreamBackend(ContextBudget):
     def per_request(self) -> UpstreamBackend:
         """A view for one request: the same client and caches, its own cancel (requests run concurrently)."""
         view = copy.copy(self)
+        view._owner = False
         view._cancel = threading.Event()
         view._response = None
         return view
@@ -300,7 +302,7 @@ class UpstreamBackend(ContextBudget):
                 if finish is None and not self._cancel.is_set():
                     # The stream ended without [DONE] or a finish reason: the engine dropped the connection.
                     raise UpstreamError("The upstream engine closed the stream before the reply finished")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError) as exc:  # StreamClosed: cancel() closed it under the reader
             if not self._cancel.is_set():
                 raise self._fail(exc, "the chat request") from exc
         finally:
@@ -313,4 +315,5 @@ class UpstreamBackend(ContextBudget):
             tokens_per_s=completion / elapsed if elapsed > 0 else 0.0, elapsed_s=elapsed)
 
     def close(self) -> None:
-        self._client.close()
+        if self._owner:  # a per-request view must not close the client the other requests share
+            self._client.close()
