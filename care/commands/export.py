@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        "extract its convert_hf_to_gguf.py + gguf-py into the user data folder.")
     s.add_argument("--force", action="store_true", help="fetch again even if present")
     s.add_argument("--sdist", default=None, help="use this local llama_cpp_python-<version>.tar.gz (offline)")
+    s.add_argument("--tools", nargs="*", default=None, metavar="NAME",
+                   help="instead, build llama.cpp's own tools from the same source as the Python binding "
+                        "(default: llama-server, for `care serve --upstream`); cached by version and flags")
     s.set_defaults(module_run=run_setup)
 
 
@@ -268,6 +271,19 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_setup(args: argparse.Namespace) -> int:
+    if args.tools is not None:
+        import os
+
+        from care.toolchain.llamacpp import SDIST_ENV, build_tools
+
+        if args.sdist:
+            os.environ[SDIST_ENV] = args.sdist
+        names = args.tools or ["llama-server"]
+        print(f"Building {', '.join(names)} from llama.cpp's source in the llama-cpp-python sdist "
+              "(cached; the first build takes minutes)...", file=sys.stderr)
+        for name, path in build_tools(names, force=args.force).items():
+            print(f"{name} ready: {path}")
+        return 0
     from care.export.converter import setup_converter
 
     print("Fetching llama.cpp's converter for the installed llama-cpp-python (pip download, ~75 MB)...",

@@ -1,4 +1,5 @@
-"""`care serve`: an OpenAI-compatible chat server (/v1/chat/completions, /v1/models) over a GGUF or ONNX folder."""
+"""`care serve`: an OpenAI-compatible chat server (/v1/chat/completions, /v1/models) over a GGUF or ONNX folder,
+or, with --upstream, the CARE layer in front of another OpenAI-compatible engine (llama-server, vLLM, Ollama)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger request bodies get 413 (default 4 MiB)")
     parser.add_argument("--max-messages", type=int, default=None, metavar="N",
                         help="requests with more messages get 400 (default 512)")
+    up = parser.add_argument_group("upstream engine (many users at once)")
+    up.add_argument("--upstream", default=None, metavar="URL",
+                    help="forward generation to an OpenAI-compatible engine, e.g. http://127.0.0.1:8081/v1 "
+                         "(llama-server -np 4, vLLM, Ollama, or a load balancer in front of several); "
+                         "safety notices, domain prompts, framing, context fitting and --api-key stay here")
+    up.add_argument("--upstream-key", default=None, metavar="KEY",
+                    help="the upstream engine's API key (default: $CARE_UPSTREAM_KEY)")
+    up.add_argument("--upstream-model", default=None, metavar="NAME",
+                    help="model name to request upstream (default: the first in its /v1/models)")
+    up.add_argument("--upstream-timeout", type=float, default=120.0, metavar="S",
+                    help="seconds to wait for the upstream's next token before answering 504 (default 120)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,15 +50,23 @@ def run(args: argparse.Namespace) -> int:
     require("starlette", "runtime")
     import uvicorn
 
-    from care.runtime.loader import load_from_args
+    from care.runtime.loader import engine_config_from_args, load_from_args
 
-    engine = load_from_args(args)
+    if args.upstream:
+        from care.runtime.upstream import UpstreamBackend
+
+        engine = UpstreamBackend(args.upstream, api_key=args.upstream_key or os.environ.get("CARE_UPSTREAM_KEY"),
+                                 model=args.upstream_model, config=engine_config_from_args(args),
+                                 n_ctx=args.n_ctx, read_timeout_s=args.upstream_timeout)
+    else:
+        engine = load_from_args(args)
     try:
         limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_messages", args.max_messages))
                   if v is not None}
         app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang), **limits)
         shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
-        print(f"Serving {engine.model_name} ({engine.quant_type}, n_ctx {engine.n_ctx}) on "
+        via = f" via {args.upstream}" if args.upstream else ""
+        print(f"Serving {engine.model_name}{via} ({engine.quant_type}, n_ctx {engine.n_ctx}) on "
               f"http://{shown}:{args.port}/v1  (OpenAI-compatible; Ctrl+C stops)"
               + ("  API key required" if api_key else ""), file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")

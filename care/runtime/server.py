@@ -112,22 +112,23 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
             req.sampling = _pick_adapters(req, adapter_names, model_name)
             session = _session(engine, req, domain, languages)
         except CareError as exc:
-            return error(400, exc.one_line())
+            return error(_status(exc), exc.one_line(), _kind(exc))
         text = req.text
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
             events = session.send(text)
-            # Fail before the 200 header when the message cannot fit (GenerationError from fit()).
+            # Fail before the 200 header when the message cannot fit (GenerationError from fit()) or an
+            # upstream engine fails (502/504): the notices are held until the first reply event.
             try:
-                first = await run_in_threadpool(_next_or_none, events)
+                first = await run_in_threadpool(_head, events)
             except CareError as exc:
-                return error(400, exc.one_line())
+                return error(_status(exc), exc.one_line(), _kind(exc))
             return StreamingResponse(_sse(session, first, events, rid, model_name, iterate_in_threadpool),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result = await run_in_threadpool(_collect, session, text, req.json_mode)
         except CareError as exc:
-            return error(400, exc.one_line())
+            return error(_status(exc), exc.one_line(), _kind(exc))
         notices, content, last = result
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
@@ -162,16 +163,35 @@ def _pick_adapters(req: ChatRequest, names: tuple[str, ...], model_name: str) ->
     return req.sampling
 
 
+def _status(exc: CareError) -> int:
+    """400 for a bad request; an upstream engine's failure carries its own (502 bad gateway, 504 timeout)."""
+    return int(getattr(exc, "status", 400))
+
+
+def _kind(exc: CareError) -> str:
+    return "upstream_error" if _status(exc) >= 500 else "invalid_request_error"
+
+
 def _session(engine: ChatBackend, req: ChatRequest, domain: str,
              languages: tuple[str, ...] | None) -> ChatSession:
+    # An upstream backend serves requests concurrently: each gets a view with its own cancel.
+    per_request = getattr(engine, "per_request", None)
+    if per_request is not None:
+        engine = per_request()
     session = ChatSession(engine, domain=domain, languages=languages, sampling=req.sampling)
     if req.history:
         session.load_messages(req.history)
     return session
 
 
-def _next_or_none(it: Iterator[Any]) -> Any:
-    return next(it, None)
+def _head(it: Iterator[Any]) -> list[Any]:
+    """The leading safety notices and the first reply event (or the end), in order."""
+    head: list[Any] = []
+    for event in it:
+        head.append(event)
+        if not isinstance(event, SafetyNotice | ContextNote):
+            break
+    return head
 
 
 def _collect(session: ChatSession, text: str,
@@ -211,7 +231,7 @@ def _usage(last: GenerationResponse | None) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-async def _sse(session: ChatSession, first: Any, events: Iterator[Any], rid: str, model: str,
+async def _sse(session: ChatSession, first: list[Any], events: Iterator[Any], rid: str, model: str,
                iterate_in_threadpool) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> str:
         obj = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
@@ -219,8 +239,7 @@ async def _sse(session: ChatSession, first: Any, events: Iterator[Any], rid: str
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     def all_events() -> Iterator[Any]:
-        if first is not None:
-            yield first
+        yield from first
         yield from events
 
     yield chunk({"role": "assistant", "content": ""})
@@ -237,6 +256,11 @@ async def _sse(session: ChatSession, first: Any, events: Iterator[Any], rid: str
             else:
                 yield chunk({}, _finish(event), usage=_usage(event))
                 finished = True
+    except CareError as exc:  # e.g. the upstream engine failed mid-reply: after the 200, an SSE error event
+        log.warning("stream failed: %s", exc.one_line())
+        yield f"data: {json.dumps({'error': {'message': exc.one_line(), 'type': _kind(exc), 'code': _status(exc)}})}\n\n"
+        finished = True
+    else:
         yield "data: [DONE]\n\n"
     finally:
         if not finished:  # the client went away: stop generating and free the engine
