@@ -74,6 +74,10 @@ class EngineConfig:
     # "summarize" them with the model into a short summary that stays in the system prompt.
     context_policy: str = "drop"
     summary_tokens: int = 160  # the most tokens a summary may take
+    # Save the KV state of every chat's fixed opening (template + system prompt) and load it for new chats
+    # (care.runtime.prompt_cache); None: a folder next to the model, or the care cache.
+    prompt_cache: bool = True
+    prompt_cache_dir: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -89,6 +93,8 @@ class GenerationResponse:
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
     dropped_turns: int = 0  # older turns left out to fit the context
+    prefill_tokens: int = 0  # prompt tokens actually evaluated; the rest came from the cache or the last turn
+    prompt_cache: str = "none"  # the saved opening: "hit" (loaded), "built", "live" (kept from last turn)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +188,13 @@ class ChatEngine:
         self._formatter = self._make_formatter()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._evaluated = _count_evals(self.llm)
+        self.prompt_cache = None
+        if self.config.prompt_cache:
+            from care.runtime.prompt_cache import PromptCache
+
+            folder = self.config.prompt_cache_dir
+            self.prompt_cache = PromptCache(self, Path(folder) if folder else None)
 
     # -- model facts -------------------------------------------------------------------------------
     @property
@@ -317,6 +330,9 @@ class ChatEngine:
             finish = "stop"
             if s.seed is not None:
                 self.llm.set_seed(s.seed)
+            evaluated_before = self._evaluated[0]
+            if self.prompt_cache is not None:
+                self.prompt_cache.prepare(kept, prompt_tokens)
             gen = self.llm.create_completion(
                 prompt=prompt_tokens,
                 max_tokens=s.max_tokens,
@@ -349,6 +365,8 @@ class ChatEngine:
             # not evaluated). Chunks under-count when llama-cpp-python holds text back for stop strings.
             n_gen = max(n_out, self.llm.n_tokens - len(prompt_tokens) + (0 if finish == "cancelled" else 1))
             n_gen = min(n_gen, s.max_tokens)
+            # Generated tokens are evaluated one by one and stay in the context; the rest was prompt.
+            prefill = self._evaluated[0] - evaluated_before - max(0, self.llm.n_tokens - len(prompt_tokens))
             decode_s = max(elapsed - (ttft or 0.0), 1e-9)
             yield GenerationResponse(
                 text="",
@@ -359,6 +377,8 @@ class ChatEngine:
                 tokens_per_s=(n_gen - 1) / decode_s if n_gen > 1 else 0.0,
                 elapsed_s=elapsed,
                 dropped_turns=dropped,
+                prefill_tokens=prefill,
+                prompt_cache=self.prompt_cache.last if self.prompt_cache is not None else "none",
             )
 
     def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
@@ -369,6 +389,20 @@ class ChatEngine:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
+
+
+def _count_evals(llm: Any) -> list[int]:
+    """Count the tokens llama-cpp-python evaluates (its generate() calls eval), so a reply can report how
+    much of its prompt was really prefilled and how much the prefix reuse saved."""
+    counter = [0]
+    original = llm.eval
+
+    def counting_eval(tokens):
+        counter[0] += len(tokens)
+        return original(tokens)
+
+    llm.eval = counting_eval
+    return counter
 
 
 _PARAMS_LOCK = threading.Lock()
