@@ -132,3 +132,72 @@ def test_bind_beyond_loopback_needs_key():
         check_bind("0.0.0.0", None)
     with pytest.raises(UsageError):
         check_bind("192.168.1.20", None)
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ([{"role": "user", "content": "hi"}], "JSON object"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "a"}, 7]}, "messages[1]"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": "json"}, "response_format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "`n`"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "`tools`"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages[1]"),
+])
+def test_malformed_requests_get_400_naming_the_field(server_url, body, field):
+    with _client(server_url) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert field in r.json()["error"]["message"]
+
+
+def test_text_parts_and_developer_role_are_accepted(server_url):
+    body = {"messages": [{"role": "developer", "content": "Answer briefly."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hello"}]}],
+            "max_tokens": 4, "temperature": 0, "n": 1, "tools": [], "logprobs": False}
+    with _client(server_url) as c:
+        r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+
+
+def test_body_and_message_limits(smollm_engine):
+    from starlette.testclient import TestClient
+
+    app = create_app(smollm_engine, max_body_bytes=2000, max_messages=3)
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=_body("word " * 1000))
+        assert r.status_code == 413 and "2000-byte" in r.json()["error"]["message"]
+        many = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}] * 2
+        r = c.post("/v1/chat/completions", json={"messages": [*many, {"role": "user", "content": "ok"}]})
+        assert r.status_code == 400 and "limit of 3" in r.json()["error"]["message"]
+
+
+def test_json_schema_output_parses(server_url):
+    schema = {"type": "object", "properties": {"domain": {"enum": ["banking", "telecom", "medical"]},
+                                                "urgent": {"type": "boolean"}},
+              "required": ["domain", "urgent"], "additionalProperties": False}
+    body = _body("My card was stolen an hour ago. Classify this message.", max_tokens=40,
+                 response_format={"type": "json_schema", "json_schema": {"name": "triage", "schema": schema}})
+    with _client(server_url) as c:
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        data = json.loads(r.json()["choices"][0]["message"]["content"])
+        assert data["domain"] in ("banking", "telecom", "medical") and isinstance(data["urgent"], bool)
+        # json_object: any JSON object; a medical question keeps its safety notice out of the content.
+        body = _body("My father has crushing chest pain. Reply as JSON with a key advice.", max_tokens=60,
+                     response_format={"type": "json_object"})
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        content = out["choices"][0]["message"]["content"]
+        assert content.lstrip().startswith("{") and "[SAFETY" not in content
+        assert out["care_safety"] and out["care_safety"][0]["category"] == "chest_pain"
+        if out["choices"][0]["finish_reason"] == "stop":
+            assert isinstance(json.loads(content), dict)

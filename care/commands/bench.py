@@ -1,4 +1,4 @@
-"""`care bench`: load time, TTFT, prefill/decode tok/s, peak RSS and file size of a GGUF on this device."""
+"""`care bench`: load time, TTFT, prefill/decode tok/s, peak RSS and file size of a GGUF (or ONNX folder) here."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", "-m", default=None, help="a .gguf file or known name (default: embedded SmolLM2)")
+    parser.add_argument("--model", "-m", default=None, help="a .gguf file, an ONNX folder (care export onnx) or a known name "
+                        "(default: embedded SmolLM2)")
     parser.add_argument("--profile", choices=["laptop", "phone"], default="laptop",
                         help="laptop: all physical cores, n_ctx 4096; phone: 2 threads, n_ctx 4096, K/V cache "
                              "q8_0/q4_0, GGUF read into memory (one copy of the repacked weights), 4 GB ceiling "
@@ -39,9 +40,11 @@ def run(args: argparse.Namespace) -> int:
     from care.io import write_json
     from care.models import resolve_gguf
     from care.runtime.bench import BenchConfig, physical_cores, run_isolated
+    from care.runtime.loader import is_onnx_folder
     from care.runtime.profiles import kv_label, resolve
 
-    model = resolve_gguf(args.model)
+    # The llama.cpp settings (KV type, repack, mmap) do not apply to an ONNX folder; threads and n_ctx do.
+    model = Path(args.model) if is_onnx_folder(args.model) else resolve_gguf(args.model)
     on_off = {"on": True, "off": False}
     prof = resolve(args.profile, kv_type=args.kv_type, repack=on_off.get(args.repack),
                    use_mmap=on_off.get(args.mmap))

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from care.runtime.loader import parse_languages
+
+__all__ = ["add_arguments", "add_engine_arguments", "add_sampling_arguments", "engine_config_from_args",
+           "load_engine", "parse_languages", "run"]
+
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads a GGUF through the runtime engine."""
@@ -50,48 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace):
-    from pathlib import Path
+    from care.runtime.loader import engine_config_from_args
 
-    from care.runtime.engine import EngineConfig, SamplingConfig
-    from care.runtime.profiles import resolve
-
-    template = args.chat_template
-    if template and Path(template).is_file():
-        template = Path(template).read_text(encoding="utf-8")
-    prof = resolve(getattr(args, "profile", None) or "laptop", kv_type=getattr(args, "kv_type", None))
-    return EngineConfig(
-        n_ctx=getattr(args, "n_ctx", None) or prof["n_ctx"],
-        n_threads=getattr(args, "threads", None) or prof["threads"],
-        type_k=prof["type_k"],
-        type_v=prof["type_v"],
-        flash_attn=prof["flash_attn"],
-        repack=prof["repack"],
-        use_mmap=prof["use_mmap"],
-        context_policy=getattr(args, "context", None) or "drop",
-        chat_template=template,
-        lora_path=getattr(args, "lora", None),
-        sampling=SamplingConfig(
-            temperature=getattr(args, "temperature", 0.7),
-            top_p=getattr(args, "top_p", 0.9),
-            top_k=getattr(args, "top_k", 40),
-            repeat_penalty=getattr(args, "repeat_penalty", 1.1),
-            seed=getattr(args, "seed", None),
-            max_tokens=getattr(args, "max_tokens", 512),
-        ),
-    )
+    return engine_config_from_args(args)
 
 
 def load_engine(args: argparse.Namespace):
-    """A llama.cpp engine for a GGUF; the ONNX backend for an onnxruntime-genai folder (`care export onnx`)."""
-    from care.models import resolve_gguf
-    from care.runtime.engine import ChatEngine
+    """The engine for --model with the command line's options (care.runtime.load_engine)."""
+    from care.runtime.loader import load_from_args
 
-    if args.model:
-        from care.runtime.onnx_engine import OnnxChatEngine, is_onnx_folder
-
-        if is_onnx_folder(args.model):
-            return OnnxChatEngine(args.model, engine_config_from_args(args))
-    return ChatEngine(resolve_gguf(args.model), engine_config_from_args(args))
+    return load_from_args(args)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,9 +103,3 @@ def run(args: argparse.Namespace) -> int:
     finally:
         engine.close()
     return 0
-
-
-def parse_languages(value: str | None) -> tuple[str, ...] | None:
-    if not value:
-        return None
-    return tuple(code.strip().lower() for code in value.split(",") if code.strip())

@@ -1,4 +1,4 @@
-"""`care serve`: an OpenAI-compatible chat server (/v1/chat/completions, /v1/models) over a GGUF."""
+"""`care serve`: an OpenAI-compatible chat server (/v1/chat/completions, /v1/models) over a GGUF or ONNX folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from care.commands.chat import add_engine_arguments, add_sampling_arguments, parse_languages
+from care.commands.chat import add_engine_arguments, add_sampling_arguments
+from care.runtime.loader import parse_languages
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", default="auto", choices=["auto", "banking", "telecom", "medical", "general"],
                         help="system prompt domain (default: detected from each conversation's first message)")
     parser.add_argument("--lang", default=None, metavar="CODES", help="languages of safety notices, e.g. en,fr")
+    parser.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                        help="larger request bodies get 413 (default 4 MiB)")
+    parser.add_argument("--max-messages", type=int, default=None, metavar="N",
+                        help="requests with more messages get 400 (default 512)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,11 +38,13 @@ def run(args: argparse.Namespace) -> int:
     require("starlette", "runtime")
     import uvicorn
 
-    from care.commands.chat import load_engine
+    from care.runtime.loader import load_from_args
 
-    engine = load_engine(args)
+    engine = load_from_args(args)
     try:
-        app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang))
+        limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_messages", args.max_messages))
+                  if v is not None}
+        app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang), **limits)
         shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
         print(f"Serving {engine.model_name} ({engine.quant_type}, n_ctx {engine.n_ctx}) on "
               f"http://{shown}:{args.port}/v1  (OpenAI-compatible; Ctrl+C stops)"

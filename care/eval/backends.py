@@ -252,14 +252,15 @@ class GGUFBackend(Backend):
         return out
 
     def generate(self, messages: Sequence[Message], max_tokens: int) -> str:
-        from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+        from care.runtime.backend import EngineConfig, SamplingConfig
+        from care.runtime.loader import load_engine
 
         if self._engine is None:
-            self._engine = ChatEngine(self.path, EngineConfig(
+            self._engine = load_engine(self.path, EngineConfig(
                 n_ctx=self.n_ctx, n_threads=self.threads,
                 sampling=SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)))
         sampling = SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)
-        return self._engine.chat(messages, sampling).text.strip()
+        return self._engine.generate(messages, sampling).text.strip()
 
     def close(self) -> None:
         if self._engine is not None:

@@ -1,4 +1,4 @@
-"""Device benchmarks of a GGUF: load time, TTFT, prefill and decode tok/s, peak RSS, file size.
+"""Device benchmarks of a GGUF or an ONNX folder: load time, TTFT, prefill and decode tok/s, peak RSS, file size.
 
 Each configuration runs in a fresh child process (`python -m care.runtime.bench '<json>'`), so peak RSS is
 that configuration's own high-water mark (ru_maxrss), not the largest of everything measured before it.
@@ -62,11 +62,12 @@ def _peak_rss_bytes() -> int:
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Load the model and time one prefill + decode in this process (see run_isolated for clean RSS)."""
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig, default_threads
+    from care.runtime.engine import EngineConfig, SamplingConfig, default_threads
+    from care.runtime.loader import load_engine
 
     rss_before = _peak_rss_bytes()
     threads = cfg.threads or default_threads()
-    engine = ChatEngine(cfg.model, EngineConfig(
+    engine = load_engine(cfg.model, EngineConfig(
         n_ctx=cfg.n_ctx, n_threads=threads, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
         repack=cfg.repack, use_mmap=cfg.use_mmap,
         sampling=SamplingConfig(temperature=0.0, seed=0, max_tokens=cfg.gen_tokens, repeat_penalty=1.0)))
@@ -75,7 +76,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         while len(engine.tokenize(text)) < cfg.prompt_tokens:
             text += PROMPT_TEXT
         ids = engine.tokenize(text)[: cfg.prompt_tokens]
-        prompt = engine.llm.detokenize(ids).decode("utf-8", errors="ignore")
+        prompt = engine.detokenize(ids)
         messages = [{"role": "user", "content": prompt + "\nSummarise this advice."}]
         last = None
         for chunk in engine.stream(messages):
@@ -83,7 +84,8 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         if last is None or last.ttft_s is None:
             raise GenerationError("The benchmark run produced no tokens")
         result = {
-            "model": str(cfg.model), "file_gb": Path(cfg.model).stat().st_size / 1e9, "quant": engine.quant_type,
+            "model": str(cfg.model), "file_gb": _size(Path(cfg.model)) / 1e9, "quant": engine.quant_type,
+            "backend": engine.info().backend,
             "threads": threads, "n_ctx": engine.n_ctx, "type_k": cfg.type_k or "f16", "type_v": cfg.type_v or "f16",
             "flash_attn": cfg.flash_attn, "repack": cfg.repack if cfg.repack is not None else True,
             "use_mmap": cfg.use_mmap,
@@ -93,10 +95,19 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
             "rss_before_load_gb": rss_before / 1e9,
         }
         if cfg.agreement_tokens:
+            if not hasattr(engine, "llm"):
+                raise GenerationError("Next-token agreement is measured on GGUF models only")
             result["argmax"] = _teacher_forced_argmax(engine, text, cfg.agreement_tokens)
         return result
     finally:
         engine.close()
+
+
+def _size(path: Path) -> int:
+    """Bytes of a GGUF file, or of every file of a model folder (ONNX)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def _teacher_forced_argmax(engine, text: str, n: int) -> list[int]:

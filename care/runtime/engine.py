@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError, InvalidModelError, require
 from care.models import check_gguf
+from care.runtime.backend import (  # re-exported: the names front ends imported from here before
+    ContextBudget,
+    EngineConfig,
+    GenerationResponse,
+    Message,
+    SamplingConfig,
+    collect,
+)
 
 log = logging.getLogger(__name__)
 
-Message = dict[str, str]
+__all__ = ["END_OF_TURN_STRINGS", "NAMED_TEMPLATES", "ChatEngine", "EngineConfig", "GenerationResponse", "Message",
+           "SamplingConfig", "collect", "default_threads", "file_type_name"]
 
 # Strings that end a turn in the chat formats we support. llama.cpp already stops on the vocabulary's
 # end-of-generation tokens (EOS/EOT, Phi-3.5's <|end|>); these catch models whose GGUF marks them poorly.
@@ -45,70 +54,6 @@ NAMED_TEMPLATES: dict[str, str] = {
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),
 }
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    seed: int | None = None
-    max_tokens: int = 512
-    stop: tuple[str, ...] = ()  # extra stop strings (OpenAI `stop`), on top of the model's end-of-turn ones
-
-
-@dataclass
-class EngineConfig:
-    n_ctx: int = 4096  # phone-sensible; never the model's 128k maximum
-    n_threads: int | None = None  # None: the idle physical cores
-    n_batch: int = 512
-    use_mmap: bool = True
-    lora_path: str | None = None
-    chat_template: str | None = None  # a template name from NAMED_TEMPLATES or Jinja text; None: the GGUF's
-    type_k: str | None = None  # KV-cache quantization, e.g. "q8_0"
-    type_v: str | None = None
-    flash_attn: bool | None = None
-    repack: bool | None = None  # llama.cpp's repacked copy of quantized weights (faster matmuls, more RSS)
-    # What a conversation does with turns that no longer fit n_ctx (care.runtime.session): "drop" them, or
-    # "summarize" them with the model into a short summary that stays in the system prompt.
-    context_policy: str = "drop"
-    summary_tokens: int = 160  # the most tokens a summary may take
-    # Save the KV state of every chat's fixed opening (template + system prompt) and load it for new chats
-    # (care.runtime.prompt_cache); None: a folder next to the model, or the care cache.
-    prompt_cache: bool = True
-    prompt_cache_dir: str | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-
-
-@dataclass
-class GenerationResponse:
-    """One streamed chunk, or (with finish_reason set) the last one with the run's totals."""
-
-    text: str
-    finish_reason: str | None = None  # None while streaming; "stop", "length", "cancelled"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float | None = None
-    tokens_per_s: float = 0.0
-    elapsed_s: float = 0.0
-    dropped_turns: int = 0  # older turns left out to fit the context
-    prefill_tokens: int = 0  # prompt tokens actually evaluated; the rest came from the cache or the last turn
-    prompt_cache: str = "none"  # the saved opening: "hit" (loaded), "built", "live" (kept from last turn)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def collect(chunks: Iterable[GenerationResponse]) -> GenerationResponse:
-    """Join a stream into one response: the final chunk's totals with the whole text."""
-    parts: list[str] = []
-    last = GenerationResponse(text="")
-    for chunk in chunks:
-        parts.append(chunk.text)
-        last = chunk
-    last.text = "".join(parts)
-    return last
 
 
 def file_type_name(metadata: dict[str, str]) -> str:
@@ -144,8 +89,11 @@ def default_threads() -> int:
     return max(1, physical - busy)
 
 
-class ChatEngine:
+class ChatEngine(ContextBudget):
     """A GGUF model loaded with llama-cpp-python, formatted by its own chat template."""
+
+    backend_name = "llama.cpp"
+    COUNT_SLACK = 0.0  # count_tokens() below adds no BOS
 
     def __init__(self, model_path: str | os.PathLike[str], config: EngineConfig | None = None) -> None:
         require("llama_cpp", "runtime")
@@ -284,31 +232,12 @@ class ChatEngine:
         add_bos = not (bos and text.startswith(bos))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def fit(self, messages: Sequence[Message], max_tokens: int) -> tuple[list[Message], list[int], int]:
-        """Drop the oldest non-system turns until prompt + reply budget fits n_ctx.
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.llm.detokenize(list(ids)).decode("utf-8", errors="ignore")
 
-        Returns (messages kept, prompt tokens, number of messages dropped)."""
-        kept = list(messages)
-        dropped = 0
-        while True:
-            tokens = self.tokenize(self.render(kept))
-            if len(tokens) + max_tokens <= self.n_ctx:
-                return kept, tokens, dropped
-            first = next((i for i, m in enumerate(kept) if m["role"] != "system"), None)
-            # Keep at least the newest user message; past that the message itself is too long.
-            if first is None or first == len(kept) - 1:
-                budget = self.n_ctx - max_tokens
-                if budget > 8:
-                    raise GenerationError(
-                        f"The message is too long: {len(tokens)} tokens, the context allows {budget}",
-                        hint="Shorten it, lower --max-tokens, or raise --n-ctx",
-                    )
-                raise GenerationError(
-                    f"--max-tokens {max_tokens} leaves no room in the {self.n_ctx}-token context",
-                    hint="Lower --max-tokens or raise --n-ctx",
-                )
-            del kept[first]
-            dropped += 1
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a bare message text (no BOS, special tokens as text): the budget's per-message count."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     # -- generation --------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -341,6 +270,7 @@ class ChatEngine:
                 top_k=s.top_k,
                 repeat_penalty=s.repeat_penalty,
                 stop=[*self._text_stops, *s.stop] or None,
+                grammar=_json_grammar(s.json_schema),
                 stream=True,
             )
             try:
@@ -380,10 +310,6 @@ class ChatEngine:
                 prefill_tokens=prefill,
                 prompt_cache=self.prompt_cache.last if self.prompt_cache is not None else "none",
             )
-
-    def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
-        """Generate a whole reply; returns the final chunk with the full text."""
-        return collect(self.stream(messages, sampling))
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -432,6 +358,26 @@ def _model_params(repack: bool | None) -> Iterator[None]:
             yield
         finally:
             lib.llama_model_default_params = original
+
+
+@functools.lru_cache(maxsize=32)
+def _grammar_for(schema_json: str) -> Any:
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    try:
+        if schema_json == "{}":  # json_object: any JSON object
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise GenerationError(f"The JSON schema cannot be turned into a grammar: {exc}",
+                              hint="Use a simpler schema (types, properties, required, enum, arrays)") from exc
+
+
+def _json_grammar(schema: dict[str, Any] | None) -> Any:
+    """llama.cpp's grammar for a JSON schema (the reply can only be JSON that matches it); None: free text."""
+    if schema is None:
+        return None
+    return _grammar_for(json.dumps(schema, sort_keys=True))
 
 
 def _raise(message: str) -> None:

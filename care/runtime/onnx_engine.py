@@ -17,15 +17,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from care.errors import GenerationError, InvalidModelError, ModelNotFoundError, require
-from care.runtime.engine import (
-    NAMED_TEMPLATES,
-    ChatEngine,
-    EngineConfig,
-    GenerationResponse,
-    Message,
-    SamplingConfig,
-    collect,
-)
+from care.runtime.backend import ContextBudget, EngineConfig, GenerationResponse, Message, SamplingConfig
+from care.runtime.engine import NAMED_TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +28,10 @@ def is_onnx_folder(path: str | os.PathLike[str]) -> bool:
     return p.is_dir() and (p / "genai_config.json").is_file()
 
 
-class OnnxChatEngine:
+class OnnxChatEngine(ContextBudget):
     """An onnxruntime-genai model folder (genai_config.json + model.onnx + tokenizer files)."""
+
+    backend_name = "onnx"
 
     def __init__(self, folder: str | os.PathLike[str], config: EngineConfig | None = None) -> None:
         require("onnxruntime_genai", "export")
@@ -104,9 +99,8 @@ class OnnxChatEngine:
     def tokenize(self, text: str) -> list[int]:
         return [int(t) for t in self.tokenizer.encode(text)]
 
-    def fit(self, messages: Sequence[Message], max_tokens: int) -> tuple[list[Message], list[int], int]:
-        """The same context budget as the llama.cpp engine (it only uses render / tokenize / n_ctx)."""
-        return ChatEngine.fit(self, messages, max_tokens)  # type: ignore[arg-type]
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids)))
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -114,6 +108,9 @@ class OnnxChatEngine:
     def stream(self, messages: Sequence[Message], sampling: SamplingConfig | None = None
                ) -> Iterator[GenerationResponse]:
         s = sampling or self.config.sampling
+        if s.json_schema is not None:
+            raise GenerationError("JSON output (response_format) needs the llama.cpp engine",
+                                  hint="Serve the GGUF export of the model instead of the ONNX folder")
         og = self._og
         with self._lock:
             self._cancel.clear()
@@ -166,17 +163,5 @@ class OnnxChatEngine:
                                      ttft_s=ttft, tokens_per_s=(n_out - 1) / decode_s if n_out > 1 else 0.0,
                                      elapsed_s=elapsed, dropped_turns=dropped)
 
-    def chat(self, messages: Sequence[Message], sampling: SamplingConfig | None = None) -> GenerationResponse:
-        return collect(self.stream(messages, sampling))
-
     def close(self) -> None:
         self.model = None  # onnxruntime-genai frees on collection
-
-
-def load_engine(path: str | os.PathLike[str], config: EngineConfig | None = None):
-    """A ChatEngine for a .gguf, an OnnxChatEngine for an onnxruntime-genai folder."""
-    if is_onnx_folder(path):
-        return OnnxChatEngine(path, config)
-    from care.models import resolve_gguf
-
-    return ChatEngine(resolve_gguf(path), config)

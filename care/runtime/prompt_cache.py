@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from care.runtime.engine import ChatEngine, Message
+    from care.runtime.backend import Message
+    from care.runtime.engine import ChatEngine
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,13 @@
-"""An OpenAI-compatible chat server over one ChatEngine (Starlette): /v1/chat/completions, /v1/models.
+"""An OpenAI-compatible chat server over one chat engine (Starlette): /v1/chat/completions, /v1/models.
 
 Each request carries the whole conversation (as OpenAI clients send it); it runs through a ChatSession,
 so red-flag notices come first in the reply (also listed in the non-standard `care_safety` field), medical
 answers carry the not-a-diagnosis line, and over-long histories are trimmed. One generation at a time:
 the engine's lock queues concurrent requests (one model, one CPU).
+
+Bad input never reaches the model: every malformed request gets a 400 that names the field (care.runtime.
+requests), an over-large body a 413, and OpenAI features this server does not have (n > 1, tools, images,
+logprobs, ...) a 400 that names them instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any
 
 from care.errors import CareError, UsageError
-from care.runtime.engine import ChatEngine, GenerationResponse, SamplingConfig
+from care.runtime.backend import ChatBackend, GenerationResponse
+from care.runtime.requests import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, ChatRequest, parse_request
 from care.runtime.session import ChatSession, ContextNote, SafetyNotice
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,9 @@ def notice_text(notice: SafetyNotice) -> str:
     return f"[SAFETY {notice.category}] {notice.message}\n\n"
 
 
-def create_app(engine: ChatEngine, *, domain: str = "auto", api_key: str | None = None,
-               languages: tuple[str, ...] | None = None, model_id: str | None = None):
+def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None = None,
+               languages: tuple[str, ...] | None = None, model_id: str | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES):
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.requests import Request
@@ -83,16 +89,27 @@ def create_app(engine: ChatEngine, *, domain: str = "auto", api_key: str | None 
     async def completions(request: Request):
         if not authorized(request):
             return error(401, "Missing or wrong API key (send 'Authorization: Bearer KEY')", "authentication_error")
+        too_big = f"The request body is over the {max_body_bytes}-byte limit (care serve --max-body-bytes)"
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body_bytes:
+            return error(413, too_big)
+        raw = b""
+        async for part in request.stream():  # counted as it arrives: a missing/false length cannot get past
+            raw += part
+            if len(raw) > max_body_bytes:
+                return error(413, too_big)
         try:
-            body = await request.json()
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error(400, "The request body is not JSON")
         try:
-            session, text, sampling = _prepare(engine, body, domain, languages)
-        except (CareError, ValueError, TypeError, KeyError) as exc:
-            return error(400, exc.one_line() if isinstance(exc, CareError) else f"Bad request: {exc}")
+            req = parse_request(body, engine.config.sampling, max_messages=max_messages)
+            session = _session(engine, req, domain, languages)
+        except CareError as exc:
+            return error(400, exc.one_line())
+        text = req.text
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if body.get("stream"):
+        if req.stream:
             events = session.send(text)
             # Fail before the 200 header when the message cannot fit (GenerationError from fit()).
             try:
@@ -102,7 +119,7 @@ def create_app(engine: ChatEngine, *, domain: str = "auto", api_key: str | None 
             return StreamingResponse(_sse(session, first, events, rid, model_name, iterate_in_threadpool),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            result = await run_in_threadpool(_collect, session, text)
+            result = await run_in_threadpool(_collect, session, text, req.json_mode)
         except CareError as exc:
             return error(400, exc.one_line())
         notices, content, last = result
@@ -122,65 +139,42 @@ def create_app(engine: ChatEngine, *, domain: str = "auto", api_key: str | None 
     ])
 
 
-def _prepare(engine: ChatEngine, body: dict[str, Any], domain: str,
-             languages: tuple[str, ...] | None) -> tuple[ChatSession, str, SamplingConfig]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise UsageError("`messages` must be a non-empty list")
-    if messages[-1].get("role") != "user" or not str(messages[-1].get("content") or "").strip():
-        raise UsageError("The last message must be a non-empty user message")
-    base = engine.config.sampling
-    sampling = replace(
-        base,
-        temperature=float(body.get("temperature", base.temperature)),
-        top_p=float(body.get("top_p", base.top_p)),
-        top_k=int(body.get("top_k", base.top_k)),
-        repeat_penalty=float(body.get("repeat_penalty", base.repeat_penalty)),
-        seed=body.get("seed", base.seed),
-        max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or base.max_tokens),
-        stop=_stops(body.get("stop")),
-    )
-    if sampling.max_tokens < 1:
-        raise UsageError("max_tokens must be at least 1")
-    session = ChatSession(engine, domain=domain, languages=languages, sampling=sampling)
-    history = [{"role": m["role"], "content": _content(m.get("content"))} for m in messages[:-1]]
-    if history:
-        session.load_messages(history)
-    return session, _content(messages[-1]["content"]), sampling
-
-
-def _stops(value: Any) -> tuple[str, ...]:
-    if not value:
-        return ()
-    return (str(value),) if isinstance(value, str) else tuple(str(v) for v in value)
-
-
-def _content(content: Any) -> str:
-    """OpenAI content is a string or a list of parts; only text parts are supported."""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return "" if content is None else str(content)
+def _session(engine: ChatBackend, req: ChatRequest, domain: str,
+             languages: tuple[str, ...] | None) -> ChatSession:
+    session = ChatSession(engine, domain=domain, languages=languages, sampling=req.sampling)
+    if req.history:
+        session.load_messages(req.history)
+    return session
 
 
 def _next_or_none(it: Iterator[Any]) -> Any:
     return next(it, None)
 
 
-def _collect(session: ChatSession, text: str) -> tuple[list[SafetyNotice], str, GenerationResponse | None]:
+def _collect(session: ChatSession, text: str,
+             json_mode: bool = False) -> tuple[list[SafetyNotice], str, GenerationResponse | None]:
+    """The whole reply. In JSON mode the content is the model's JSON alone: notices stay in `care_safety`
+    and the framing lines (disclaimer) are left out, so a client can parse it."""
     notices: list[SafetyNotice] = []
     parts: list[str] = []
     last = None
     for event in session.send(text):
         if isinstance(event, SafetyNotice):
             notices.append(event)
-            parts.append(notice_text(event))
+            if not json_mode:
+                parts.append(notice_text(event))
         elif isinstance(event, ContextNote):
             log.info("%s", event.message)
         elif event.finish_reason is None:
             parts.append(event.text)
         else:
             last = event
-    return notices, "".join(parts), last
+    content = "".join(parts)
+    if json_mode:
+        for tail in (session.rules.disclaimer_text(session.languages), session.rules.not_a_doctor_text(session.languages)):
+            if tail:
+                content = content.replace("\n\n" + tail, "")
+    return notices, content, last
 
 
 def _finish(last: GenerationResponse | None) -> str:

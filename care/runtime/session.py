@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from care.domains import DOMAINS, system_prompt
 from care.errors import GenerationError, UsageError
-from care.runtime.engine import ChatEngine, GenerationResponse, Message, SamplingConfig, collect
+from care.runtime.backend import ChatBackend, GenerationResponse, Message, SamplingConfig, collect
 from care.runtime.safety import SafetyNotice, claims_clinician, load_rules
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ _ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
 # and builds a new session for it, does not summarise the same turns again each time.
 _SUMMARY_CACHE: OrderedDict[str, str] = OrderedDict()
 _SUMMARY_CACHE_SIZE = 256
+_SUMMARY_CACHE_LOCK = threading.Lock()  # the server's worker threads share the cache
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ChatSession:
     `languages=None` uses the languages configured in the safety rules (clinic file, else English).
     """
 
-    def __init__(self, engine: ChatEngine, domain: str = "general", system: str | None = None,
+    def __init__(self, engine: ChatBackend, domain: str = "general", system: str | None = None,
                  safety: bool = True, languages: tuple[str, ...] | None = None,
                  sampling: SamplingConfig | None = None, context: str | None = None) -> None:
         self.engine = engine
@@ -202,19 +203,21 @@ class ChatSession:
                     pass  # no room for a full-length summary: summarise what must go, and see
                 target = covered + more
                 # A summary made earlier, here or by another session on the same turns, is reused.
-                for n in range(target, covered, -1):
-                    if keys[n] in _SUMMARY_CACHE:
-                        summary, covered = _SUMMARY_CACHE[keys[n]], n
-                        _SUMMARY_CACHE.move_to_end(keys[n])
-                        break
+                with _SUMMARY_CACHE_LOCK:
+                    for n in range(target, covered, -1):
+                        if keys[n] in _SUMMARY_CACHE:
+                            summary, covered = _SUMMARY_CACHE[keys[n]], n
+                            _SUMMARY_CACHE.move_to_end(keys[n])
+                            break
                 if covered < target:
                     summary = self._summarize(summary, rest[covered:target])
                     if self._cancelled.is_set():
                         return fallback[0], fallback[1], None
                     covered = target
-                    _SUMMARY_CACHE[keys[covered]] = summary
-                    while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
-                        _SUMMARY_CACHE.popitem(last=False)
+                    with _SUMMARY_CACHE_LOCK:
+                        _SUMMARY_CACHE[keys[covered]] = summary
+                        while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
+                            _SUMMARY_CACHE.popitem(last=False)
         except GenerationError as exc:
             log.warning("the summary and the newest message do not fit together (%s); dropping instead", exc)
             self._forget_summary()

@@ -11,3 +11,23 @@
 
 Heavy libraries (torch, transformers, trl, peft) are imported inside functions only.
 """
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+
+class _CallablePackage(types.ModuleType):
+    """`care.train` is both this package and the function `train` of the public API (`from care import train`):
+    Python binds the subpackage to the name `care.train` as soon as it is imported, so the name cannot be
+    a plain function without breaking `import care.train.readers`. Calling the package calls sft.train."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from care.train.sft import train
+
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -26,6 +26,7 @@ from textual.widgets import Footer, ProgressBar, Static
 
 from care.domains import DOMAINS, system_prompt
 from care.errors import CareError
+from care.runtime.loader import engine_config_from_args, load_engine, parse_languages
 from care.tui.screens import (
     EMBEDDED,
     ChatDeleted,
@@ -532,19 +533,13 @@ def loader_from_args(args: argparse.Namespace) -> EngineLoader:
     """Load engines with the command line's --n-ctx/--threads/sampling options (runs in a worker thread)."""
 
     def load(spec: str | None) -> Any:
-        from care.commands.chat import engine_config_from_args
-        from care.models import resolve_gguf
-        from care.runtime.engine import ChatEngine
-
-        return ChatEngine(resolve_gguf(spec), engine_config_from_args(args))
+        return load_engine(spec, engine_config_from_args(args))
 
     return load
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Entry point of `care chat` without --once."""
-    from care.commands.chat import parse_languages
-
     domain = getattr(args, "domain", None) or "auto"
     app = create_app(engine_loader=loader_from_args(args), model=getattr(args, "model", None),
                      domain=domain, system=getattr(args, "system", None),

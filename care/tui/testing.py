@@ -1,6 +1,7 @@
 """A scripted stand-in for ChatEngine, for the TUI's tests and snapshots (the thing under test is the UI).
 
-It has ChatEngine's interface (model_name, quant_type, n_ctx, path, load_s, stream, cancel, close) and
+It is a ChatBackend (model_name, quant_type, n_ctx, path, load_s, stream, cancel, close) whose context
+budget is the real one (care.runtime.backend.ContextBudget.fit) over a word-per-token render/tokenize, and
 streams the reply word by word as GenerationResponse chunks. `gate` lets a test hold the stream after
 `hold_after` chunks, to press Esc or "crash" mid-reply.
 """
@@ -12,11 +13,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from care.errors import GenerationError
-from care.runtime.engine import EngineConfig, GenerationResponse, SamplingConfig
+from care.runtime.backend import ContextBudget, EngineConfig, GenerationResponse, SamplingConfig
 
 
-class FakeEngine:
+class FakeEngine(ContextBudget):
+    backend_name = "fake"
+    COUNT_SLACK = 0.0  # a bare text's words are exactly what it adds (plus the role marker)
+
     def __init__(self, replies: Sequence[str] = ("Block the card in the app under **Cards → Block**.",),
                  model_name: str = "FakeModel-1M", quant_type: str = "Q4_1", n_ctx: int = 2048,
                  hold_after: int | None = None) -> None:
@@ -42,15 +45,8 @@ class FakeEngine:
     def tokenize(self, text: str) -> list[int]:
         return list(range(len(text.split())))
 
-    def fit(self, messages: Sequence[dict[str, str]], max_tokens: int) -> tuple[list[dict[str, str]], list[int], int]:
-        kept = list(messages)
-        dropped = 0
-        while len(self.tokenize(self.render(kept))) + max_tokens > self.n_ctx and len(kept) > 2:
-            del kept[1]
-            dropped += 1
-        if len(self.tokenize(self.render(kept))) + max_tokens > self.n_ctx:  # as ChatEngine.fit does
-            raise GenerationError("The message is too long for the context", hint="Shorten it")
-        return kept, self.tokenize(self.render(kept)), dropped
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(f"t{i}" for i in ids)
 
     def stream(self, messages: Sequence[dict[str, str]], sampling: Any = None) -> Iterator[GenerationResponse]:
         self._cancel.clear()
