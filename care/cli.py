@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "serve": "OpenAI-compatible chat server on the clinic LAN",
     "eval": "Medical benchmarks and generation metrics, reports with charts",
     "bench": "Measure load time, TTFT, tokens/s and peak RSS of a GGUF on this device",
+    "bundle": "Offline install bundle (wheels, model, install.sh) for a clinic PC or an ARM device",
     "demo": "The whole pipeline on the embedded SmolLM2: train, merge, export, before/after",
     "models": "List known models and where their files are",
 }

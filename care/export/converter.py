@@ -151,20 +151,12 @@ def setup_converter(force: bool = False, sdist: str | os.PathLike[str] | None = 
                               hint=f"Pass llama_cpp_python-{version}.tar.gz so the converter matches libllama")
         _extract(path, target, version)
         return target
+    from care.toolchain.llamacpp import download_sdist
+
     with tempfile.TemporaryDirectory(prefix="care-llama-sdist-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               f"llama-cpp-python=={version}", "-d", tmp, "-q"]
-        log.info("Fetching llama.cpp's converter: %s", " ".join(cmd))
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = sorted(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if proc.returncode != 0 or not files:
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ExportError(
-                f"Could not download the llama-cpp-python {version} sdist for llama.cpp's converter ({last})",
-                hint="Connect to PyPI once and run `care export setup`, or set CARE_LLAMA_CPP_SDIST to a "
-                f"local llama_cpp_python-{version}.tar.gz",
-            )
-        _extract(files[0], target, version)
+        path = download_sdist(version, Path(tmp), hint="Connect to PyPI once and run `care export setup`, or set "
+                              f"CARE_LLAMA_CPP_SDIST to a local llama_cpp_python-{version}.tar.gz")
+        _extract(path, target, version)
     log.info("llama.cpp converter ready in %s", target)
     return target
 

