@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmap", choices=["on", "off"], default=None,
                         help="map the GGUF (on) or read it into memory (off); off with repack on avoids "
                              "llama.cpp's duplicate weight copy")
+    parser.add_argument("--no-chat-ttft", dest="chat_ttft", action="store_false",
+                        help="skip the new-chat first-token timing (no cache / cold / cached prompt cache, follow-up)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--json", dest="json_out", default=None, metavar="PATH",
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     for n_ctx in args.n_ctx or [prof["n_ctx"]]:
         cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=type_k, type_v=type_v, flash_attn=flash,
                           repack=repack, use_mmap=mmap, prompt_tokens=args.prompt_tokens,
-                          gen_tokens=args.gen_tokens)
+                          gen_tokens=args.gen_tokens, chat_ttft=args.chat_ttft)
         err.print(f"[dim]measuring {model.name}: {threads} threads, n_ctx {n_ctx}, KV {kv}, "
                   f"repack {'default' if repack is None else repack}, mmap {mmap}"
                   f"{f', ceiling {ceiling:g} GB' if ceiling else ''} ...[/dim]")

@@ -134,7 +134,7 @@ def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_sha256(engine.path)  # once per model file (then remembered): not part of any chat's first token
     hash_s = time.perf_counter() - t0
-    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=8, repeat_penalty=1.0)
+    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=4, repeat_penalty=1.0)
     system = {"role": "system", "content": system_prompt(domain)}
 
     def new_chat(question: str, cached: bool):
