@@ -142,3 +142,16 @@ def test_session_follow_up_reuses_the_conversation(embedded_gguf, tmp_path):
     assert second.prompt_cache == "live"
     assert second.prefill_tokens < 20 < second.prompt_tokens - second.prefill_tokens
     assert in_context >= second.prompt_tokens
+
+
+def test_unwritable_cache_folder_costs_only_the_saving(embedded_gguf, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    engine = _engine(embedded_gguf, blocker)
+    try:
+        reply = engine.chat(_chat())
+    finally:
+        engine.close()
+    assert reply.finish_reason in ("stop", "length") and reply.text
+    assert reply.prefill_tokens == reply.prompt_tokens
+    assert blocker.read_text().startswith("a file")

@@ -261,7 +261,12 @@ class ChatEngine(ContextBudget):
                 self.llm.set_seed(s.seed)
             evaluated_before = self._evaluated[0]
             if self.prompt_cache is not None:
-                self.prompt_cache.prepare(kept, prompt_tokens)
+                try:
+                    self.prompt_cache.prepare(kept, prompt_tokens)
+                except Exception as exc:  # noqa: BLE001 - a cache must never cost the reply: prefill it all
+                    log.warning("prompt cache skipped: %s", exc)
+                    self.prompt_cache.last = "none"
+                    self.llm.reset()
             gen = self.llm.create_completion(
                 prompt=prompt_tokens,
                 max_tokens=s.max_tokens,
