@@ -43,6 +43,7 @@ class BenchConfig:
     prompt_tokens: int = 256
     gen_tokens: int = 64
     agreement_tokens: int = 0  # >0: also return the greedy next-token argmax ids over that many tokens
+    chat_template: str | None = None  # a NAMED_TEMPLATES name or Jinja text; None: the GGUF's own
     chat_ttft: bool = True  # also time a new chat's first token: no cache, cold (cache built), cached, follow-up
     domain: str = "medical"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -75,6 +76,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
     engine = load_engine(cfg.model, EngineConfig(
         n_ctx=cfg.n_ctx, n_threads=threads, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
         repack=cfg.repack, use_mmap=cfg.use_mmap, prompt_cache=cfg.chat_ttft, prompt_cache_dir=cache_dir,
+        chat_template=cfg.chat_template,
         sampling=SamplingConfig(temperature=0.0, seed=0, max_tokens=cfg.gen_tokens, repeat_penalty=1.0)))
     prompt_cache = getattr(engine, "prompt_cache", None)
     if prompt_cache is not None:
@@ -134,7 +136,9 @@ def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     model_sha256(engine.path)  # once per model file (then remembered): not part of any chat's first token
     hash_s = time.perf_counter() - t0
-    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=4, repeat_penalty=1.0)
+    # One token: the reply ends when the first token is sampled, so elapsed_s is the time to the first token
+    # even when llama-cpp-python holds a chunk back (an incomplete UTF-8 byte token of a random-weight model).
+    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=1, repeat_penalty=1.0)
     system = {"role": "system", "content": system_prompt(domain)}
 
     def new_chat(question: str, cached: bool):
@@ -155,9 +159,9 @@ def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
     return {
         "chat_prefix_tokens": len(prompt_cache.prefix_tokens([system])),
         "chat_question_tokens": hit.prompt_tokens - len(prompt_cache.prefix_tokens([system])),
-        "chat_ttft_nocache_s": none.ttft_s, "chat_ttft_cold_s": cold.ttft_s, "chat_ttft_cached_s": hit.ttft_s,
+        "chat_ttft_nocache_s": none.elapsed_s, "chat_ttft_cold_s": cold.elapsed_s, "chat_ttft_cached_s": hit.elapsed_s,
         "chat_prefill_nocache": none.prefill_tokens, "chat_prefill_cached": hit.prefill_tokens,
-        "followup_ttft_s": follow.ttft_s, "followup_prefill": follow.prefill_tokens,
+        "followup_ttft_s": follow.elapsed_s, "followup_prefill": follow.prefill_tokens,
         "followup_prompt_tokens": follow.prompt_tokens, "followup_cache": follow.prompt_cache,
         "model_hash_s": hash_s,
     }
