@@ -64,6 +64,17 @@ PHI35 = {"hidden": _C["hidden_size"], "ffn": _C["intermediate_size"], "layers": 
          "sliding_window": _C["sliding_window"], "rope_theta": _C["rope_theta"], "rms_eps": _C["rms_norm_eps"]}
 
 
+# Phi-3.5-mini-instruct's chat template (its tokenizer_config.json). The Phi-3 vocabulary GGUF carries
+# Phi-3-mini's, which drops system messages, so a domain prompt would never reach the model.
+PHI35_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
 def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:
     """A GGUF with Phi-3.5-mini's metadata and tensor shapes and random weights, one tensor in memory at a time.
 
@@ -80,7 +91,8 @@ def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:
     if out.is_file():
         return out
     vocab_reader = gguf.GGUFReader(str(phi3_vocab()))
-    tokenizer_fields = {k: f for k, f in vocab_reader.fields.items() if k.startswith("tokenizer.")}
+    tokenizer_fields = {k: f for k, f in vocab_reader.fields.items()
+                        if k.startswith("tokenizer.") and k != "tokenizer.chat_template"}
     vocab = len(tokenizer_fields["tokenizer.ggml.tokens"].data)
     c = PHI35
     hidden, ffn, layers = c["hidden"], c["ffn"], c["layers"]
@@ -105,6 +117,7 @@ def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, field.contents(), vtype, sub)
+    w.add_chat_template(PHI35_TEMPLATE)
     shapes: list[tuple[str, tuple[int, ...], str]] = [("token_embd.weight", (vocab, hidden), "f16")]
     for i in range(layers):
         shapes += [(f"blk.{i}.attn_norm.weight", (hidden,), "f32"),

@@ -63,13 +63,20 @@ def test_bench_writes_table_and_json(tmp_path, capsys):
     assert 0 < row["peak_rss_gb"] < 4 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
     assert row["load_s"] > 0 and abs(row["file_gb"] - 0.098) < 0.01
     assert "decode tok/s" in stdout and "q8_0/q4_0" in stdout
+    # A new chat: the domain prompt's state saved (cold), then loaded (cached): only the question is prefilled.
+    assert row["chat_prefix_tokens"] > 20 and row["chat_prefill_cached"] == row["chat_question_tokens"]
+    assert row["chat_prefill_nocache"] == row["chat_prefix_tokens"] + row["chat_question_tokens"]
+    assert row["followup_cache"] == "live" and 0 < row["followup_prefill"] < row["followup_prompt_tokens"] / 2
+    # Decode against the memory-bandwidth bound, from the same run.
+    assert row["bandwidth_gb_s"] > 0.1 and 0 < row["decode_fraction"] == row["decode_tok_s"] / row["bound_tok_s"]
+    assert "memory-bandwidth bound" in stdout
 
 
 def test_bench_ceiling_stops_the_run_that_passes_it(tmp_path, capsys):
     """The ceiling is enforced like a phone's low-memory killer: the child is stopped, the command exits 1."""
     out = tmp_path / "bench.json"
     rc = main(["bench", "--profile", "phone", "--threads", "1", "--n-ctx", "512", "--prompt-tokens", "32",
-               "--gen-tokens", "8", "--ceiling-gb", "0.08", "--json", str(out)])
+               "--gen-tokens", "8", "--ceiling-gb", "0.08", "--no-chat-ttft", "--json", str(out)])
     stdout, err = capsys.readouterr()
     assert rc == 1
     (row,) = json.loads(out.read_text())["results"]
@@ -81,7 +88,7 @@ def test_bench_ceiling_stops_the_run_that_passes_it(tmp_path, capsys):
 def test_bench_kv_type_pair_and_no_mmap(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--threads", "1", "--n-ctx", "512", "--prompt-tokens", "32", "--gen-tokens", "8",
-               "--kv-type", "q8_0/q4_0", "--mmap", "off", "--repack", "on", "--json", str(out)])
+               "--kv-type", "q8_0/q4_0", "--mmap", "off", "--repack", "on", "--no-chat-ttft", "--json", str(out)])
     capsys.readouterr()
     assert rc == 0
     data = json.loads(out.read_text())

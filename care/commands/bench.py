@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mmap", choices=["on", "off"], default=None,
                         help="map the GGUF (on) or read it into memory (off); off with repack on avoids "
                              "llama.cpp's duplicate weight copy")
+    parser.add_argument("--no-chat-ttft", dest="chat_ttft", action="store_false",
+                        help="skip the new-chat first-token timing (no cache / cold / cached prompt cache, follow-up)")
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--json", dest="json_out", default=None, metavar="PATH",
@@ -39,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
 
     from care.io import write_json
     from care.models import resolve_gguf
-    from care.runtime.bench import BenchConfig, physical_cores, run_isolated
+    from care.runtime.bench import BenchConfig, add_decode_bound, physical_cores, run_isolated
     from care.runtime.loader import is_onnx_folder
+    from care.runtime.membw import read_bandwidth
     from care.runtime.profiles import kv_label, resolve
 
     # The llama.cpp settings (KV type, repack, mmap) do not apply to an ONNX folder; threads and n_ctx do.
@@ -59,11 +62,13 @@ def run(args: argparse.Namespace) -> int:
     for n_ctx in args.n_ctx or [prof["n_ctx"]]:
         cfg = BenchConfig(model=str(model), n_ctx=n_ctx, threads=threads, type_k=type_k, type_v=type_v, flash_attn=flash,
                           repack=repack, use_mmap=mmap, prompt_tokens=args.prompt_tokens,
-                          gen_tokens=args.gen_tokens)
+                          gen_tokens=args.gen_tokens, chat_ttft=args.chat_ttft)
         err.print(f"[dim]measuring {model.name}: {threads} threads, n_ctx {n_ctx}, KV {kv}, "
                   f"repack {'default' if repack is None else repack}, mmap {mmap}"
                   f"{f', ceiling {ceiling:g} GB' if ceiling else ''} ...[/dim]")
-        results.append(run_isolated(cfg, ceiling_gb=ceiling))
+        # Bandwidth right before the model run, with as many readers as decode threads: same load, same run.
+        bandwidth = read_bandwidth(threads)
+        results.append(add_decode_bound(run_isolated(cfg, ceiling_gb=ceiling), bandwidth))
 
     table = Table(title=f"care bench: {model.name} ({args.profile} profile)")
     for col in ("n_ctx", "threads", "KV", "repack", "mmap", "load s", "TTFT s", "prefill tok/s", "decode tok/s",
@@ -83,7 +88,24 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['load_s']:.2f}",
                       f"{r['ttft_s']:.2f}", f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}", rss,
                       f"{r['file_gb']:.2f}")
-    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    ok = [r for r in results if "error" not in r]
+    if any("chat_ttft_cached_s" in r or "decode_fraction" in r for r in ok):
+        chats = Table(title="New chat (domain system prompt + a ~30-token question) and decode against the "
+                            "memory-bandwidth bound")
+        for col in ("n_ctx", "prefix tok", "question tok", "TTFT no cache s", "TTFT cold s", "TTFT cached s",
+                    "follow-up s (new tok)", "read GB/s", "GB/token", "bound tok/s", "decode / bound"):
+            chats.add_column(col, justify="right")
+        for r in ok:
+            def f(key: str, fmt: str = ".2f", r: dict = r) -> str:
+                return format(r[key], fmt) if key in r else "-"
+            follow = f"{f('followup_ttft_s')} ({r['followup_prefill']})" if "followup_prefill" in r else "-"
+            chats.add_row(str(r["n_ctx"]), f("chat_prefix_tokens", "d"), f("chat_question_tokens", "d"),
+                          f("chat_ttft_nocache_s"), f("chat_ttft_cold_s"), f("chat_ttft_cached_s"), follow,
+                          f("bandwidth_gb_s", ".1f"), f("bytes_per_token_gb", ".3f"), f("bound_tok_s", ".1f"),
+                          f("decode_fraction"))
+        console.print(chats)
     out = Path(args.json_out or f"bench-{model.stem}-{args.profile}.json")
     write_json(out, {"profile": args.profile, "config": {"threads": threads, "kv_type": kv,
                      "flash_attn": flash, "repack": repack, "use_mmap": mmap, "ceiling_gb": ceiling,

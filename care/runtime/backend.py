@@ -54,6 +54,10 @@ class EngineConfig:
     # "summarize" them with the model into a short summary that stays in the system prompt.
     context_policy: str = "drop"
     summary_tokens: int = 160  # the most tokens a summary may take
+    # Save the KV state of every chat's fixed opening (template + system prompt) and load it for new chats
+    # (care.runtime.prompt_cache); None: a folder next to the model, or the care cache.
+    prompt_cache: bool = True
+    prompt_cache_dir: str | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -69,6 +73,8 @@ class GenerationResponse:
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
     dropped_turns: int = 0  # older turns left out to fit the context
+    prefill_tokens: int = 0  # prompt tokens actually evaluated; the rest came from the cache or the last turn
+    prompt_cache: str = "none"  # the saved opening: "hit" (loaded), "built", "live" (kept from last turn)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

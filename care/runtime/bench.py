@@ -10,8 +10,10 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +44,9 @@ class BenchConfig:
     prompt_tokens: int = 256
     gen_tokens: int = 64
     agreement_tokens: int = 0  # >0: also return the greedy next-token argmax ids over that many tokens
+    chat_template: str | None = None  # a NAMED_TEMPLATES name or Jinja text; None: the GGUF's own
+    chat_ttft: bool = True  # also time a new chat's first token: no cache, cold (cache built), cached, follow-up
+    domain: str = "medical"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,10 +61,15 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
 
     rss_before = _peak_rss_bytes()
     threads = cfg.threads or default_threads()
+    cache_dir = tempfile.mkdtemp(prefix="care-bench-prompt-cache-")  # empty: the first chat is cold
     engine = load_engine(cfg.model, EngineConfig(
         n_ctx=cfg.n_ctx, n_threads=threads, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
-        repack=cfg.repack, use_mmap=cfg.use_mmap,
+        repack=cfg.repack, use_mmap=cfg.use_mmap, prompt_cache=cfg.chat_ttft, prompt_cache_dir=cache_dir,
+        chat_template=cfg.chat_template,
         sampling=SamplingConfig(temperature=0.0, seed=0, max_tokens=cfg.gen_tokens, repeat_penalty=1.0)))
+    prompt_cache = getattr(engine, "prompt_cache", None)
+    if prompt_cache is not None:
+        engine.prompt_cache = None  # the prefill/decode figures are the raw ones
     try:
         text = PROMPT_TEXT
         while len(engine.tokenize(text)) < cfg.prompt_tokens:
@@ -83,6 +93,8 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
             "decode_tok_s": last.tokens_per_s, "peak_rss_gb": _peak_rss_bytes() / 1e9,
             "rss_before_load_gb": rss_before / 1e9,
         }
+        if prompt_cache is not None:
+            result.update(_chat_ttft(engine, prompt_cache, cfg.domain))
         if cfg.agreement_tokens:
             if not hasattr(engine, "llm"):
                 raise GenerationError("Next-token agreement is measured on GGUF models only")
@@ -90,6 +102,74 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         return result
     finally:
         engine.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+# Two different ~30-token first questions (Phi-3 / SmolLM2 tokenizers), and a short follow-up.
+QUESTIONS = (
+    "I have had a mild headache and a slight fever since yesterday evening. What can I do at home, and when "
+    "should I see a health worker?",
+    "My father has type 2 diabetes and his feet often feel numb and cold. What should we check every day, and "
+    "what is a warning sign?",
+)
+FOLLOW_UP = "Is it safe to take paracetamol for it?"
+
+
+def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
+    """A new chat's first token without the prompt cache, with it cold (evaluated and saved) and cached (loaded
+    from the file), then a follow-up turn, which llama-cpp-python's prefix reuse serves. Short replies."""
+    from care.domains import system_prompt
+    from care.runtime.engine import SamplingConfig
+    from care.runtime.prompt_cache import model_sha256
+
+    t0 = time.perf_counter()
+    model_sha256(engine.path)  # once per model file (then remembered): not part of any chat's first token
+    hash_s = time.perf_counter() - t0
+    # One token: the reply ends when the first token is sampled, so elapsed_s is the time to the first token
+    # even when llama-cpp-python holds a chunk back (an incomplete UTF-8 byte token of a random-weight model).
+    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=1, repeat_penalty=1.0)
+    system = {"role": "system", "content": system_prompt(domain)}
+
+    def new_chat(question: str, cached: bool):
+        engine.prompt_cache = prompt_cache if cached else None
+        engine.llm.reset()  # a new conversation: nothing of the last one is reused
+        return engine.chat([system, {"role": "user", "content": question}], sampling)
+
+    none = new_chat(QUESTIONS[0], cached=False)
+    cold = new_chat(QUESTIONS[0], cached=True)
+    hit = new_chat(QUESTIONS[1], cached=True)
+    history = [system, {"role": "user", "content": QUESTIONS[1]}, {"role": "assistant", "content": hit.text},
+               {"role": "user", "content": FOLLOW_UP}]
+    follow = engine.chat(history, sampling)
+    engine.prompt_cache = prompt_cache
+    if (cold.prompt_cache, hit.prompt_cache) != ("built", "hit"):
+        raise GenerationError(f"The prompt cache was not used as expected: cold {cold.prompt_cache}, "
+                              f"cached {hit.prompt_cache}")
+    return {
+        "chat_prefix_tokens": len(prompt_cache.prefix_tokens([system])),
+        "chat_question_tokens": hit.prompt_tokens - len(prompt_cache.prefix_tokens([system])),
+        "chat_ttft_nocache_s": none.elapsed_s, "chat_ttft_cold_s": cold.elapsed_s, "chat_ttft_cached_s": hit.elapsed_s,
+        "chat_prefill_nocache": none.prefill_tokens, "chat_prefill_cached": hit.prefill_tokens,
+        "followup_ttft_s": follow.elapsed_s, "followup_prefill": follow.prefill_tokens,
+        "followup_prompt_tokens": follow.prompt_tokens, "followup_cache": follow.prompt_cache,
+        "model_hash_s": hash_s,
+    }
+
+
+def add_decode_bound(result: dict[str, Any], bandwidth: float) -> dict[str, Any]:
+    """Decode against the memory-bandwidth limit: bound = bandwidth / bytes read per token (weights + the KV
+    cache at the decode's mean position), fraction = measured decode / bound."""
+    from care.runtime.membw import bytes_per_token
+
+    result["bandwidth_gb_s"] = bandwidth / 1e9
+    if "error" in result or not str(result.get("model", "")).endswith(".gguf"):
+        return result
+    n_past = int(result.get("prompt_tokens", 0) + result.get("gen_tokens", 0) / 2)
+    per_token = bytes_per_token(Path(result["model"]), n_past, result.get("type_k"), result.get("type_v"))
+    bound = bandwidth / per_token["total"]
+    result.update({"bytes_per_token_gb": per_token["total"] / 1e9, "kv_bytes_per_token_gb": per_token["kv"] / 1e9,
+                   "bound_tok_s": bound, "decode_fraction": result["decode_tok_s"] / bound})
+    return result
 
 
 def _size(path: Path) -> int:

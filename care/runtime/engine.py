@@ -135,6 +135,16 @@ class ChatEngine(ContextBudget):
         self._formatter = self._make_formatter()
         self._cancel = threading.Event()
         self._lock = threading.Lock()
+        self._evaluated = _count_evals(self.llm)
+        self.prompt_cache = None
+        # A saved KV state belongs to the adapters it was computed under; with switchable adapters the state is
+        # reset on every switch (care.runtime.adapters), so the persistent cache stays off rather than risk
+        # loading a prefix computed under another adapter.
+        if self.config.prompt_cache and self.adapters is None:
+            from care.runtime.prompt_cache import PromptCache
+
+            folder = self.config.prompt_cache_dir
+            self.prompt_cache = PromptCache(self, Path(folder) if folder else None)
 
     # -- model facts -------------------------------------------------------------------------------
     @property
@@ -252,6 +262,14 @@ class ChatEngine(ContextBudget):
             if s.seed is not None:
                 self.llm.set_seed(s.seed)
             self._apply_adapters(s.adapters)
+            evaluated_before = self._evaluated[0]
+            if self.prompt_cache is not None:
+                try:
+                    self.prompt_cache.prepare(kept, prompt_tokens)
+                except Exception as exc:  # noqa: BLE001 - a cache must never cost the reply: prefill it all
+                    log.warning("prompt cache skipped: %s", exc)
+                    self.prompt_cache.last = "none"
+                    self.llm.reset()
             gen = self.llm.create_completion(
                 prompt=prompt_tokens,
                 max_tokens=s.max_tokens,
@@ -285,6 +303,8 @@ class ChatEngine(ContextBudget):
             # not evaluated). Chunks under-count when llama-cpp-python holds text back for stop strings.
             n_gen = max(n_out, self.llm.n_tokens - len(prompt_tokens) + (0 if finish == "cancelled" else 1))
             n_gen = min(n_gen, s.max_tokens)
+            # Generated tokens are evaluated one by one and stay in the context; the rest was prompt.
+            prefill = self._evaluated[0] - evaluated_before - max(0, self.llm.n_tokens - len(prompt_tokens))
             decode_s = max(elapsed - (ttft or 0.0), 1e-9)
             yield GenerationResponse(
                 text="",
@@ -295,6 +315,8 @@ class ChatEngine(ContextBudget):
                 tokens_per_s=(n_gen - 1) / decode_s if n_gen > 1 else 0.0,
                 elapsed_s=elapsed,
                 dropped_turns=dropped,
+                prefill_tokens=prefill,
+                prompt_cache=self.prompt_cache.last if self.prompt_cache is not None else "none",
             )
 
     # -- LoRA adapters (care.runtime.adapters) -------------------------------------------------------------
@@ -328,6 +350,20 @@ class ChatEngine(ContextBudget):
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
+
+
+def _count_evals(llm: Any) -> list[int]:
+    """Count the tokens llama-cpp-python evaluates (its generate() calls eval), so a reply can report how
+    much of its prompt was really prefilled and how much the prefix reuse saved."""
+    counter = [0]
+    original = llm.eval
+
+    def counting_eval(tokens):
+        counter[0] += len(tokens)
+        return original(tokens)
+
+    llm.eval = counting_eval
+    return counter
 
 
 _PARAMS_LOCK = threading.Lock()
