@@ -5,9 +5,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.care-setup
 PIP    := $(BIN)/python -m pip
 # llama-cpp-python is built ONCE, portably (GGML_NATIVE=OFF + one CPU module per x86 family picked at run
-# time), by care/toolchain/llamacpp.py; builds are cached here, so tests and `care bundle` reuse them.
+# time), by care/toolchain/llamacpp.py; builds are cached in the user cache by version and flags, so
+# tests, `care bundle` and later checkouts on this machine reuse them.
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
-export CARE_LLAMA_CPP_CACHE ?= $(CURDIR)/.cache/llama.cpp
+export CARE_LLAMA_CPP_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/care/llama.cpp
 # Nothing is ever fetched from the Hugging Face hub by the demo or the tests.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 # llama.cpp's converter (care export setup) is fetched once per checkout, not once per test's CARE_HOME.
 os.environ.setdefault("CARE_CONVERTER_DIR", str(REPO / ".cache" / "tests" / "llama.cpp-converter"))
 # Cached llama.cpp builds (portable wheel, aarch64 tools): the same folder `make setup` fills.
-os.environ.setdefault("CARE_LLAMA_CPP_CACHE", str(REPO / ".cache" / "llama.cpp"))
+os.environ.setdefault("CARE_LLAMA_CPP_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                                  / "care" / "llama.cpp"))
 
 
 @pytest.fixture(autouse=True)
