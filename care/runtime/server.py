@@ -118,7 +118,8 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
         if req.stream:
             events = session.send(text)
             # Fail before the 200 header when the message cannot fit (GenerationError from fit()) or an
-            # upstream engine fails (502/504): the notices are held until the first reply event.
+            # upstream engine fails (502/504) on an unflagged turn. A safety notice is never held back: it goes
+            # out at once, and an engine failure after it becomes an SSE error event.
             try:
                 first = await run_in_threadpool(_head, events)
             except CareError as exc:
@@ -128,7 +129,15 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
         try:
             result = await run_in_threadpool(_collect, session, text, req.json_mode)
         except CareError as exc:
-            return error(_status(exc), exc.one_line(), _kind(exc))
+            # A flagged turn whose engine failed still tells the user where to get help, in the error itself.
+            flagged = list(getattr(exc, "care_notices", ()))
+            body = error(_status(exc), exc.one_line(), _kind(exc))
+            if flagged:
+                data = json.loads(body.body)
+                data["error"]["message"] = " ".join(notice_text(n) for n in flagged) + " " + data["error"]["message"]
+                data["care_safety"] = [asdict(n) for n in flagged]
+                return JSONResponse(data, status_code=body.status_code)
+            return body
         notices, content, last = result
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
@@ -185,11 +194,12 @@ def _session(engine: ChatBackend, req: ChatRequest, domain: str,
 
 
 def _head(it: Iterator[Any]) -> list[Any]:
-    """The leading safety notices and the first reply event (or the end), in order."""
+    """Up to the first safety notice (sent at once, whatever the engine does next), else the first reply event
+    (or the end), in order."""
     head: list[Any] = []
     for event in it:
         head.append(event)
-        if not isinstance(event, SafetyNotice | ContextNote):
+        if not isinstance(event, ContextNote):
             break
     return head
 
@@ -201,7 +211,13 @@ def _collect(session: ChatSession, text: str,
     notices: list[SafetyNotice] = []
     parts: list[str] = []
     last = None
-    for event in session.send(text):
+    try:
+        events = list(_events_keeping(session.send(text), notices))
+    except CareError as exc:
+        exc.care_notices = tuple(notices)  # type: ignore[attr-defined]
+        raise
+    notices.clear()
+    for event in events:
         if isinstance(event, SafetyNotice):
             notices.append(event)
             if not json_mode:
@@ -218,6 +234,14 @@ def _collect(session: ChatSession, text: str,
             if tail:
                 content = content.replace("\n\n" + tail, "")
     return notices, content, last
+
+
+def _events_keeping(events: Iterator[Any], notices: list[SafetyNotice]) -> Iterator[Any]:
+    """The events, noting each safety notice as it passes (so an error after it can still carry it)."""
+    for event in events:
+        if isinstance(event, SafetyNotice):
+            notices.append(event)
+        yield event
 
 
 def _finish(last: GenerationResponse | None) -> str:
