@@ -216,10 +216,10 @@ def test_failure_after_the_notice_is_an_sse_error_event(gateway):
     engine that fails (before or after its first token) ends the stream with an OpenAI-style error event, not
     a silent cut; without streaming, the error itself carries the notice."""
     for mode, words in (("500", "out of memory"), ("garbage", "malformed JSON")):
-        with _client(gateway) as c:
-            with c.stream("POST", "/v1/chat/completions", json=_body(f"{FLAGGED} MODE:{mode}", stream=True)) as r:
-                assert r.status_code == 200
-                events = _sse(r)
+        body = _body(f"{FLAGGED} MODE:{mode}", stream=True)
+        with _client(gateway) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            events = _sse(r)
         assert events[1]["choices"][0]["delta"]["content"].startswith("[SAFETY chest_pain]")
         assert words in events[-1]["error"]["message"] and "[DONE]" not in events
     with _client(gateway) as c:
