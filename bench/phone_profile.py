@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from phi35_shaped import PHI35_CONFIG  # bench/ is on sys.path when a bench script runs
+from phi35_shaped import PHI35_CONFIG, PHI35_TEMPLATE  # bench/ is on sys.path when a bench script runs
 
 from care.models import embedded_gguf
 from care.paths import cache_dir
@@ -64,15 +64,8 @@ PHI35 = {"hidden": _C["hidden_size"], "ffn": _C["intermediate_size"], "layers": 
          "sliding_window": _C["sliding_window"], "rope_theta": _C["rope_theta"], "rms_eps": _C["rms_norm_eps"]}
 
 
-# Phi-3.5-mini-instruct's chat template (its tokenizer_config.json). The Phi-3 vocabulary GGUF carries
-# Phi-3-mini's, which drops system messages, so a domain prompt would never reach the model.
-PHI35_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
-    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
-    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
-    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
+# PHI35_TEMPLATE (bench/phi35_shaped.py) is Phi-3.5-mini's own: the Phi-3 vocabulary GGUF carries Phi-3-mini's,
+# which drops system messages, so a domain prompt would never reach the model.
 
 
 def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:

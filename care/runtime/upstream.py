@@ -120,17 +120,24 @@ class UpstreamBackend(ContextBudget):
                              hint="Check --upstream (host, port) and that the engine is running")
 
     def _get_json(self, path: str) -> Any:
+        return self._json("GET", path)
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> Any:
+        return self._json("POST", path, body)
+
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         import httpx
 
         try:
-            response = self._client.get(self.base + path)
+            response = (self._client.get(self.base + path) if body is None
+                        else self._client.post(self.base + path, json=body))
         except httpx.HTTPError as exc:
-            raise self._fail(exc, f"GET {path}") from exc
+            raise self._fail(exc, f"{method} {path}") from exc
         self._check_status(response, path)
         try:
             return response.json()
         except ValueError as exc:
-            raise UpstreamError(f"The upstream engine answered GET {path} with malformed JSON",
+            raise UpstreamError(f"The upstream engine answered {method} {path} with malformed JSON",
                                 hint="Is --upstream an OpenAI-compatible engine?") from exc
 
     def _probe_props(self) -> dict[str, Any] | None:
@@ -193,19 +200,6 @@ class UpstreamBackend(ContextBudget):
             raise GenerationError("This upstream engine has no /detokenize endpoint")
         data = self._post_json("/detokenize", {"tokens": list(ids)})
         return str(data.get("content", "")) if isinstance(data, dict) else ""
-
-    def _post_json(self, path: str, body: dict[str, Any]) -> Any:
-        import httpx
-
-        try:
-            response = self._client.post(self.base + path, json=body)
-        except httpx.HTTPError as exc:
-            raise self._fail(exc, f"POST {path}") from exc
-        self._check_status(response, path)
-        try:
-            return response.json()
-        except ValueError as exc:
-            raise UpstreamError(f"The upstream engine answered POST {path} with malformed JSON") from exc
 
     # -- generation --------------------------------------------------------------------------------------
     def per_request(self) -> UpstreamBackend:
