@@ -192,7 +192,7 @@ def test_customer_service_files():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_smoke_recipe_end_to_end(path: Path, tmp_path, shared_data):
     """train -> merge -> export (verified) -> chat replies from the new GGUF -> eval on a few items."""
-    from care.demo import PipelineOptions, run_pipeline
+    from care.pipeline import PipelineOptions, run_pipeline
 
     recipe = _load(path, smoke=True)
     rep = run_pipeline(recipe, tmp_path / "run", smoke=True,
