@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.care-setup
+TRIAGE_MODEL := care/data/triage/model.npz
 PIP    := $(BIN)/python -m pip
 # llama-cpp-python is built ONCE, portably (GGML_NATIVE=OFF + one CPU module per x86 family picked at run
 # time), by care/toolchain/llamacpp.py; builds are cached in the user cache by version and flags, so
@@ -16,7 +17,12 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast test-slow lint bench clean cross-tools arm-tools
 
-setup: $(STAMP)
+setup: $(STAMP) $(TRIAGE_MODEL)
+
+# The triage and domain classifiers are built here, not committed: ~45 s, byte-identical on every run
+# (fixed seeds), from care/data/triage/train.jsonl and the training sides of ../shared/data.
+$(TRIAGE_MODEL): care/data/triage/train.jsonl scripts/train_triage.py | $(STAMP)
+	$(BIN)/python scripts/train_triage.py
 
 # torch goes in first and alone, pinned: otherwise a dependency asking for plain "torch" pulls GBs of CUDA.
 $(STAMP): pyproject.toml constraints.txt

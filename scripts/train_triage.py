@@ -74,9 +74,12 @@ def main() -> int:
     opts = ap.parse_args()
     rng = random.Random(0)
     rows = triage_data.read_labelled(opts.out / "train.jsonl")
+    have_shared = opts.shared.is_dir()
+    if not have_shared:  # a checkout without ../shared/data: train.jsonl alone, keyword domains
+        print(f"warning: {opts.shared} is absent: no public negatives, and no domain model (keyword rules)")
     shared_neg = (rng.sample(triage_data.banking77(opts.shared, "train"), 3000)
                   + triage_data.bitext(opts.shared, held_out=False)
-                  + rng.sample(triage_data.medquad(opts.shared, held_out=False), 3000))
+                  + rng.sample(triage_data.medquad(opts.shared, held_out=False), 3000)) if have_shared else []
     print(f"train.jsonl: {len(rows)} rows ({sum(r.emergency for r in rows)} emergencies); "
           f"shared negatives: {len(shared_neg)}")
     classes = sorted([triage.NULL, *triage_data.CATEGORIES])
@@ -124,6 +127,8 @@ def main() -> int:
     model.save(opts.out / "model.npz")
     print(f"wrote {opts.out / 'model.npz'} ({(opts.out / 'model.npz').stat().st_size / 1e6:.2f} MB)")
 
+    if not have_shared:
+        return 0
     # Domain classifier: banking / general / medical (telecom stays keyword rules: no public telecom set).
     med = triage_data.medquad(opts.shared, held_out=False)
     dom_texts = (triage_data.banking77(opts.shared, "train") + triage_data.bitext(opts.shared, held_out=False)
