@@ -251,3 +251,19 @@ def test_care_triage_imports_no_torch_or_model():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_missing_classifier_is_a_one_line_error_not_a_silent_lexicon_fallback(monkeypatch, tmp_path):
+    from care.errors import ConfigError
+    from care.runtime import safety, triage
+
+    monkeypatch.setattr(triage, "model_path", lambda name="model.npz": tmp_path / name)
+    triage.packaged_model.cache_clear()
+    safety._load_cached.cache_clear()  # rules loaded earlier in the session hold the real model
+    try:
+        with pytest.raises(ConfigError, match="triage classifier is missing") as exc:
+            safety.load_rules(Path("/nonexistent/safety.yaml"))
+        assert "make setup" in exc.value.one_line()
+    finally:
+        triage.packaged_model.cache_clear()
+        safety._load_cached.cache_clear()

@@ -382,6 +382,9 @@ def _load_cached(packaged: str, override: str, stamp: int | None, classifier: bo
         sources.append(override)
         log.info("safety rules: packaged + clinic file %s", override)
     model = triage.packaged_model() if classifier else None
+    if classifier and model is None:  # lexicon alone catches half the emergencies: never fall back silently
+        raise ConfigError("The triage classifier is missing", path=triage.model_path(),
+                          hint="Build it with `make setup` (or `python scripts/train_triage.py`)")
     return build_rules(data, Path(sources[-1]), tuple(sources), model)
 
 

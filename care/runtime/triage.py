@@ -185,7 +185,8 @@ def model_path(name: str = "model.npz") -> Path:
 
 @lru_cache(maxsize=4)
 def packaged_model(name: str = "model.npz") -> LinearModel | None:
-    """The shipped classifier, or None when it was not trained yet (lexicon only, logged)."""
+    """The shipped classifier, or None when it was not built yet (safety.load_rules refuses that for the
+    triage model; the domain model falls back to keyword rules)."""
     path = model_path(name)
     if not path.is_file():
         log.warning("no triage classifier at %s: lexicon rules only", path)
