@@ -86,6 +86,30 @@ def _tokenizer(out: Path) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.save_pretrained(out)
+    phi3_rstrip(out)
+
+
+# Phi-3's released tokenizer.json marks its chat tokens rstrip=true (whitespace after <|user|>, <|end|> ... is
+# swallowed), except <unk>, <s> and <|endoftext|>; llama.cpp applies the same rule to any model named phi3.
+# transformers' GGUF loader does not carry these flags, so set them, or the stand-in would tokenize chat
+# prompts unlike both the real tokenizer and llama.cpp.
+PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def phi3_rstrip(out: Path) -> bool:
+    """Set Phi-3's rstrip flags in out/tokenizer.json (idempotent); True if the file changed."""
+    path = Path(out) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
+    for tok in data.get("added_tokens", []):
+        want = tok["content"] not in PHI3_NO_RSTRIP and (tok.get("special") or tok["content"] == "</s>")
+        if bool(tok.get("rstrip")) != want:
+            tok["rstrip"], changed = want, True
+    if changed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return changed
 
 
 def write_sentencepiece_model(out: Path) -> Path:
@@ -133,6 +157,7 @@ def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
     if (out / ".complete").is_file():
         if not (out / "tokenizer.model").is_file():  # folders built before it was added
             write_sentencepiece_model(out)
+        phi3_rstrip(out)  # folders built before the flags were set
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Many users at once: `care serve` alone vs `care serve --upstream` -> `llama-server -np 4`, on loopback.
 
-    python bench/serve_load.py [--clients 1,2,4,8] [--requests 2] [--max-tokens 48] [--threads 1]
+    python bench/serve_load.py [--clients 1,2,4,8] [--requests 2] [--max-tokens 48] [--threads 1] [--model F.gguf]
 
 (a) `care serve` on the embedded SmolLM2 GGUF: one generation at a time behind the engine's lock.
 (b) `care serve --upstream` in front of `llama-server -np 4` on the same GGUF (parallel slots, continuous
@@ -136,13 +136,16 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=4, help="llama-server -np")
     parser.add_argument("--time-limit", type=float, default=1500, help="seconds for the whole run")
     parser.add_argument("--llama-server", default=None, help="path (default: the build module's cached build)")
+    parser.add_argument("--model", default=None, help="GGUF to serve (default: the embedded SmolLM2; "
+                        "bench/phone_profile.py --phi35 builds a Phi-3.5-mini-shaped one in the care cache)")
+    parser.add_argument("--slot-ctx", type=int, default=2048, help="context per llama-server slot")
     parser.add_argument("--out", default=".cache/bench/serve_load.json")
     opts = parser.parse_args()
     from care.models import embedded_gguf
     from care.toolchain.llamacpp import find_tools
 
     deadline = time.monotonic() + opts.time_limit
-    gguf = embedded_gguf()
+    gguf = Path(opts.model) if opts.model else embedded_gguf()
     binary = opts.llama_server or ((find_tools(["llama-server"]) or {}).get("llama-server"))
     if not binary:
         sys.stderr.write("serve_load: llama-server is not built; run `care export setup --tools` first\n")
@@ -160,7 +163,7 @@ def main() -> int:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         # -c: every slot gets n_ctx / slots; 2048 each, like care serve's context for this model.
         procs.append(subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(pl),
-                                       "-np", str(opts.slots), "-c", str(2048 * opts.slots), "-t", str(opts.threads)],
+                                       "-np", str(opts.slots), "-c", str(opts.slot_ctx * opts.slots), "-t", str(opts.threads)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_ready(f"http://127.0.0.1:{pl}/health", procs[1])
         procs.append(subprocess.Popen([*care, "--upstream", f"http://127.0.0.1:{pl}/v1", "--port", str(pb), *common],
@@ -170,9 +173,14 @@ def main() -> int:
         wait_ready(servers["b_upstream_llama_server"] + "/health", procs[2])
         for name, url in servers.items():
             asyncio.run(round_of(url, 1, 1, 8, deadline))  # warm-up (page cache, first allocation)
-            report["servers"][name] = {"rounds": [asyncio.run(round_of(url, n, opts.requests, opts.max_tokens,
-                                                                       deadline)) for n in counts],
-                                       "notices": notices(url)}
+            report["servers"][name] = {"rounds": []}
+        # (a) and (b) alternate at each N, so a change in the machine's load hits both alike.
+        for n in counts:
+            for name, url in servers.items():
+                report["servers"][name]["rounds"].append(
+                    asyncio.run(round_of(url, n, opts.requests, opts.max_tokens, deadline)))
+        for name, url in servers.items():
+            report["servers"][name]["notices"] = notices(url)
     finally:
         for proc in procs:
             proc.terminate()
