@@ -11,7 +11,7 @@ from typing import Any
 PROFILES: dict[str, dict[str, Any]] = {
     # llama-cpp-python's own defaults, with the phone-sensible n_ctx and all idle physical cores.
     "laptop": {"threads": None, "n_ctx": 4096, "ceiling_gb": None, "type_k": None, "type_v": None,
-               "flash_attn": None, "repack": None, "use_mmap": True},
+               "flash_attn": None, "repack": None, "use_mmap": True, "quant": "q4_k_m"},
     # Measured on a Phi-3.5-mini-shaped Q4_K_M (2.40 GB) at n_ctx 4096, 2 threads (bench/phone_profile.py):
     # raw llama-cpp-python defaults peak at 5.62 GB RSS (f16 KV 1.6 GB + repacked weights beside the mapping).
     # K q8_0 / V q4_0 (needs flash attention) and the GGUF read into memory instead of mapped, so the repacked
@@ -19,7 +19,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     # Mapped without the repacked copy is as small (3.13 GB) and loads 10x faster but decodes ~9% slower;
     # q8_0 for both stays over 3.2 GB (3.34); q4_0 for both fits (2.93) but costs next-token agreement.
     "phone": {"threads": 2, "n_ctx": 4096, "ceiling_gb": 4.0, "type_k": "q8_0", "type_v": "q4_0",
-              "flash_attn": True, "repack": True, "use_mmap": False},
+              "flash_attn": True, "repack": True, "use_mmap": False,
+              "quant": "q4_k_m"},
 }
 
 
