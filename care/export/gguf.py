@@ -59,7 +59,7 @@ class ExportResult:
 
 # verify.json label of a type quantized without the importance matrix, for the with/without comparison
 PLAIN_SUFFIX = " (no imatrix)"
-_COMPARED = ("top1_agreement", "kl_mean", "kl_p99", "ppl")
+_COMPARED = ("top1_agreement", "kl_mean", "kl_p99", "ppl", "file_bytes")
 
 
 def imatrix_comparison(report: dict[str, Any], quants: Sequence[str]) -> dict[str, Any]:
@@ -74,7 +74,7 @@ def imatrix_comparison(report: dict[str, Any], quants: Sequence[str]) -> dict[st
         with_, without = report["files"].get(q), report["files"].get(q + PLAIN_SUFFIX)
         if with_ is None or without is None:
             continue
-        summary[q] = {"with": {k: with_[k] for k in _COMPARED}, "without": {k: without[k] for k in _COMPARED},
+        summary[q] = {"with": {k: with_.get(k) for k in _COMPARED}, "without": {k: without.get(k) for k in _COMPARED},
                       "kl_ratio": with_["kl_mean"] / without["kl_mean"] if without["kl_mean"] > 0 else None}
     report["comparison_failures"] = [f for f in report["failures"] if f.split(":", 1)[0] in plain_labels]
     report["failures"] = [f for f in report["failures"] if f.split(":", 1)[0] not in plain_labels]
@@ -237,6 +237,8 @@ def export_gguf(
             report = verify_many(labels, src.path, n_threads=n_threads, fail=False,
                                  quants={label: label.removesuffix(PLAIN_SUFFIX) for label in labels},
                                  **(verify_kwargs or {}))
+            for label, path in labels.items():  # the with/without rows compare size too
+                report["files"][label]["file_bytes"] = path.stat().st_size
         finally:
             seconds["verify"] = time.perf_counter() - t0
             shutil.rmtree(plain_dir, ignore_errors=True)
