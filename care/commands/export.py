@@ -13,6 +13,8 @@ GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from care.runtime.profiles import PROFILES
+
     sub = parser.add_subparsers(dest="export_command", metavar="{gguf,gguf-lora,onnx,verify,setup}", required=True)
 
     g = sub.add_parser("gguf", help="GGUF for llama.cpp / Ollama (default --q4_k_m), verified against the source",
@@ -25,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         types.add_argument(f"--{q}", dest="quants", action="append_const", const=q, help=argparse.SUPPRESS
                            if q in ("q4_k_s", "q5_k_s", "q5_0") else f"write a {q.upper()} file")
     types.add_argument("--phone", dest="quants", action="append_const", const="phone",
-                       help="the phone profile's type (chosen by measured KL, see `care bench --profile phone`)")
+                       help=f"the phone profile's type ({PROFILES['phone']['quant'].upper()}, chosen by measured KL in "
+                       "bench/phone_quant.py; add --imatrix, which it was measured with)")
     im = g.add_argument_group("importance matrix")
     im.add_argument("--imatrix", action="store_true",
                     help="quantize with an importance matrix computed on the recipe's training text (llama.cpp's "
