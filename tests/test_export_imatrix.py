@@ -184,6 +184,29 @@ def test_imatrix_with_only_float_types_is_a_usage_error(tiny_llama, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_missing_recipe_fails_before_any_conversion(tiny_llama, tmp_path, capsys):
+    from care.cli import main
+
+    out = tmp_path / "o"
+    rc = main(["export", "gguf", str(tiny_llama), "--phone", "--imatrix", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "No recipe" in err and "--calibration" in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_tool_failure_is_one_line_with_the_tools_own_error(tmp_path):
+    from care.export.imatrix import run_tool
+
+    script = ("echo 'llama_model_loader: loaded meta data'; "
+              "echo '0.00.400.707 E compute_imatrix: you need at least 1024 tokens for a context of 512 tokens'; "
+              "echo '0.00.400.708 I done'; exit 1")
+    with pytest.raises(ExportError) as err:
+        run_tool(["sh", "-c", script], "llama-imatrix", tmp_path / "m.gguf")
+    line = err.value.one_line()
+    assert "\n" not in line and "llama-imatrix failed (exit 1)" in line
+    assert "compute_imatrix: you need at least 1024 tokens" in line and "0.00.400" not in line
+
+
 def test_tools_that_cannot_be_built_name_the_setup_command(tmp_path, monkeypatch):
     """No cached tools and no cmake/compiler on PATH: one line naming `care export setup --tools ...`."""
     from care.export.imatrix import imatrix_tools
