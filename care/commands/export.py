@@ -8,11 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "q4_k_s", "q5_k_s", "q5_0",
-              "q3_k_m")
+GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", "iq4_xs", "q3_k_m", "q4_k_s",
+              "q5_k_s", "q5_0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from care.runtime.profiles import PROFILES
+
     sub = parser.add_subparsers(dest="export_command", metavar="{gguf,gguf-lora,onnx,verify,setup}", required=True)
 
     g = sub.add_parser("gguf", help="GGUF for llama.cpp / Ollama (default --q4_k_m), verified against the source",
@@ -23,7 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     types = g.add_argument_group("types (several at once; default --q4_k_m)")
     for q in GGUF_TYPES:
         types.add_argument(f"--{q}", dest="quants", action="append_const", const=q, help=argparse.SUPPRESS
-                           if q in ("q4_k_s", "q5_k_s", "q5_0", "q3_k_m") else f"write a {q.upper()} file")
+                           if q in ("q4_k_s", "q5_k_s", "q5_0") else f"write a {q.upper()} file")
+    types.add_argument("--phone", dest="quants", action="append_const", const="phone",
+                       help=f"the phone profile's type ({PROFILES['phone']['quant'].upper()}, chosen by measured KL in "
+                       "bench/phone_quant.py; add --imatrix, which it was measured with)")
+    im = g.add_argument_group("importance matrix")
+    im.add_argument("--imatrix", action="store_true",
+                    help="quantize with an importance matrix computed on the recipe's training text (llama.cpp's "
+                    "llama-imatrix; verification compares each type with and without it)")
+    im.add_argument("--calibration", default=None, metavar="FILE",
+                    help="calibration text for --imatrix instead of the recipe's: a .txt, or a .jsonl of rows "
+                    "like the training data (query/response or messages)")
+    im.add_argument("--imatrix-chunks", type=int, default=None, metavar="N",
+                    help="at most N chunks of 512 tokens for the matrix (default 32)")
     g.add_argument("--no-verify", action="store_true", help="skip verification against the source model")
     g.add_argument("--name", default=None, help="model name stored in the GGUF (default: the folder name)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for quantize/verify")
@@ -125,8 +139,9 @@ def print_verify_table(report: dict, title: str = "Verification against the HF m
 def run_gguf(args: argparse.Namespace) -> int:
     from care.errors import VerificationError
     from care.export.gguf import export_gguf
+    from care.runtime.profiles import PROFILES
 
-    quants = tuple(args.quants or ("q4_k_m",))
+    quants = tuple(PROFILES["phone"]["quant"] if q == "phone" else q for q in (args.quants or ("q4_k_m",)))
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -137,7 +152,9 @@ def run_gguf(args: argparse.Namespace) -> int:
 
         try:
             result = export_gguf(args.model_dir, args.out, quants=quants, verify=not args.no_verify,
-                                 name=args.name, n_threads=args.threads, progress=progress)
+                                 name=args.name, n_threads=args.threads, progress=progress,
+                                 imatrix=args.imatrix, calibration=args.calibration,
+                                 imatrix_chunks=args.imatrix_chunks)
             failed = None
         except VerificationError as exc:
             result = getattr(exc, "result", None)
@@ -148,14 +165,25 @@ def run_gguf(args: argparse.Namespace) -> int:
         print(json.dumps({"files": {q: str(p) for q, p in result.files.items()},
                           "manifest": str(result.manifest_path), "fallback_tensors": result.fallback_tensors,
                           "notes": result.notes, "verified": None if result.verify_report is None
-                          else result.verify_report["passed"]}, indent=2))
+                          else result.verify_report["passed"], "imatrix": result.imatrix,
+                          "imatrix_comparison": (result.verify_report or {}).get("imatrix")}, indent=2))
     else:
         err = _console(stderr=True)
         for note in result.notes:
             err.print(f"[yellow]note:[/yellow] {note}")
+        console = _console()
         if result.verify_report is not None:
             print_verify_table(result.verify_report)
-        console = _console()
+            for q, c in (result.verify_report.get("imatrix") or {}).items():
+                w, wo = c["with"], c["without"]
+                change = f" ({(c['kl_ratio'] - 1) * 100:+.0f}%)" if c["kl_ratio"] is not None else ""
+                console.print(f"{q}: KL {w['kl_mean']:.3g} with the imatrix vs {wo['kl_mean']:.3g} without{change}, "
+                              f"top-1 {w['top1_agreement']:.3f} vs {wo['top1_agreement']:.3f}")
+        if result.imatrix:
+            cal = result.imatrix["calibration"]
+            console.print(f"imatrix: {result.imatrix['file']} ({result.imatrix['chunks']} chunks of "
+                          f"{result.imatrix['n_ctx']} tokens; calibration {cal['source']}, {cal['tokens']} tokens, "
+                          f"sha256 {cal['sha256'][:12]})")
         for q, p in result.files.items():
             console.print(f"{q:>7}  {p}  ({p.stat().st_size / 2**20:.1f} MiB)")
         console.print(f"manifest: {result.manifest_path}\nOllama:   ollama create {_ollama_name(result.name)} "

@@ -4,6 +4,10 @@ Steps: llama.cpp's converter writes an f16 GGUF (lazily, so peak memory stays ne
 the output buffer), llama.cpp's quantizer makes every requested type from it in one worker, then each file is
 verified against the HF model (care.export.verify). Every file is written to a temp name and renamed when
 complete; manifest.json is written last, so a folder without it is an unfinished export.
+
+With `imatrix=True` an importance matrix is computed on the recipe's training text (care.export.imatrix) and
+every quantized type is made with it by llama.cpp's llama-quantize; the same types are also made without it
+(in a temp folder, deleted after verification) so verify.json reports KL and top-1 with and without.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +33,8 @@ from care.export.quantize import (
     make_readable,
     normalize_quant,
     quantize_many,
+    quantize_with_tool,
+    uses_256_blocks,
 )
 from care.io import write_json, write_text
 
@@ -47,6 +54,33 @@ class ExportResult:
     name: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    imatrix: dict[str, Any] | None = None  # the manifest's imatrix record (file, calibration hash, chunks)
+
+
+# verify.json label of a type quantized without the importance matrix, for the with/without comparison
+PLAIN_SUFFIX = " (no imatrix)"
+_COMPARED = ("top1_agreement", "kl_mean", "kl_p99", "ppl", "file_bytes")
+
+
+def imatrix_comparison(report: dict[str, Any], quants: Sequence[str]) -> dict[str, Any]:
+    """Mark each type's row in the verify report as with/without the imatrix and sum them up per type:
+    {"q4_k_m": {"with": {...}, "without": {...}, "kl_ratio": with/without}}. The rows without it are
+    comparisons, not outputs: their failures move to `comparison_failures` and do not fail the export."""
+    summary: dict[str, Any] = {}
+    plain_labels = {q + PLAIN_SUFFIX for q in quants}
+    for label, entry in report["files"].items():
+        entry["imatrix"] = label not in plain_labels
+    for q in quants:
+        with_, without = report["files"].get(q), report["files"].get(q + PLAIN_SUFFIX)
+        if with_ is None or without is None:
+            continue
+        summary[q] = {"with": {k: with_.get(k) for k in _COMPARED}, "without": {k: without.get(k) for k in _COMPARED},
+                      "kl_ratio": with_["kl_mean"] / without["kl_mean"] if without["kl_mean"] > 0 else None}
+    report["comparison_failures"] = [f for f in report["failures"] if f.split(":", 1)[0] in plain_labels]
+    report["failures"] = [f for f in report["failures"] if f.split(":", 1)[0] not in plain_labels]
+    report["passed"] = not report["failures"]
+    report["imatrix"] = summary
+    return summary
 
 
 def _slug(name: str) -> str:
@@ -67,8 +101,15 @@ def export_gguf(
     n_threads: int | None = None,
     progress: Progress | None = None,
     verify_kwargs: dict[str, Any] | None = None,
+    imatrix: bool = False,
+    calibration: str | os.PathLike[str] | None = None,
+    imatrix_chunks: int | None = None,
+    compare: bool = True,
 ) -> ExportResult:
     """Convert `model_dir` (a merged HF folder) to GGUF files in `out_dir`, one per quant type, verified.
+
+    `imatrix`: quantize with an importance matrix computed on `calibration` (a file; default: the recipe's
+    training rows) over at most `imatrix_chunks` chunks; `compare` also verifies each type made without it.
 
     Raises ExportError/InvalidModelError on bad input, VerificationError (after writing verify.json and the
     manifest, marked unverified) when a file does not match the source within tolerance.
@@ -76,6 +117,20 @@ def export_gguf(
     t_start = time.perf_counter()
     src = inspect_model_dir(model_dir)
     wanted = list(dict.fromkeys(normalize_quant(q) for q in quants)) or ["q4_k_m"]
+    if (imatrix or calibration is not None) and all(q in FLOAT_TYPES for q in wanted):
+        from care.errors import UsageError
+
+        raise UsageError("--imatrix only changes quantized types, and only float types were asked for",
+                         hint="Add a quantized type, e.g. --q4_k_m or --iq4_xs")
+    imatrix = imatrix or calibration is not None
+    tools: dict[str, Path] = {}
+    calib = None
+    if imatrix:  # before any conversion: a missing recipe or compiler fails in seconds, not after minutes
+        from care.export.imatrix import DEFAULT_CHUNKS, DEFAULT_CTX, calibration_text, imatrix_tools
+
+        imatrix_chunks = imatrix_chunks or DEFAULT_CHUNKS
+        calib = calibration_text(src.path, calibration, max_tokens=int(imatrix_chunks * DEFAULT_CTX * 1.1))
+        tools = imatrix_tools(progress=progress)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)  # the folder is not a finished export until rewritten
@@ -101,6 +156,9 @@ def export_gguf(
     quantized = [q for q in wanted if q not in FLOAT_TYPES]
     info: dict[str, Any] = {}
     intermediate: Path | None = None
+    plain_dir = out / f".{slug}-no-imatrix"  # comparison files, removed after verification
+    plain: dict[str, Path] = {}
+    imx_record: dict[str, Any] | None = None
     try:
         for q in floats:
             t0 = time.perf_counter()
@@ -108,6 +166,8 @@ def export_gguf(
             info = convert_to_gguf(src, files[q], outtype=q, name=model_name, progress=stage_progress(f"convert {q}"))
             make_readable(files[q])
             seconds[f"convert_{q}"] = time.perf_counter() - t0
+        qres: dict[str, Any] = {}
+        n_matrices = 0
         if quantized:
             base = files.get("f16") or files.get("bf16") or files.get("f32")
             if base is None:
@@ -119,13 +179,34 @@ def export_gguf(
                 base = intermediate
             t0 = time.perf_counter()
             targets = {q: out / f"{slug}-{q}.gguf" for q in quantized}
-            qres = quantize_many(base, targets, n_threads=n_threads,
-                                 progress=(lambda q, i, n: progress(f"quantize {q}", i, n)) if progress else None)
+            on_quant = (lambda q, i, n: progress(f"quantize {q}", i, n)) if progress else None
+            if imatrix:
+                from care.export.imatrix import compute_imatrix
+
+                assert calib is not None
+                imx = compute_imatrix(base, calib, out / f"{slug}.imatrix", tool=tools["llama-imatrix"],
+                                      n_threads=n_threads, chunks=imatrix_chunks or 0, progress=progress)
+                make_readable(imx.path)
+                imx_record = imx.record()
+                seconds["imatrix"] = imx.seconds
+                t0 = time.perf_counter()
+                qres = quantize_with_tool(base, targets, tools["llama-quantize"], imx.path, n_threads=n_threads,
+                                          progress=on_quant)
+                if verify and compare:
+                    shutil.rmtree(plain_dir, ignore_errors=True)
+                    plain_dir.mkdir()
+                    plain = {q: plain_dir / f"{slug}-{q}.gguf" for q in quantized}
+                    quantize_many(base, plain, n_threads=n_threads,
+                                  progress=(lambda q, i, n: progress(f"quantize {q} (plain)", i, n)) if progress
+                                  else None)
+            else:
+                qres = quantize_many(base, targets, n_threads=n_threads, progress=on_quant)
             seconds["quantize"] = time.perf_counter() - t0
             files.update({q: targets[q] for q in quantized})
             n_matrices = _count_matrices(base)
-        else:
-            qres, n_matrices = {}, 0
+    except BaseException:
+        shutil.rmtree(plain_dir, ignore_errors=True)
+        raise
     finally:
         if intermediate is not None:
             intermediate.unlink(missing_ok=True)
@@ -136,10 +217,11 @@ def export_gguf(
     for q, r in qres.items():
         if r.fallback_tensors:
             kinds = ", ".join(f"{n}x {t.upper()}" for t, n in r.fallback_types.items()) or "a 32-block type"
+            family = "k-quants" if is_k_quant(q) else q.upper()
             note = (f"{q.upper()}: {r.fallback_tensors} of {n_matrices} weight matrices have rows not divisible "
-                    f"by the {K_QUANT_BLOCK}-wide k-quant block and use {kinds} instead")
-            if is_k_quant(q) and r.fallback_tensors * 2 >= n_matrices:
-                note += " - this model is too narrow for k-quants, so the file is mostly the fallback type"
+                    f"by the {K_QUANT_BLOCK}-wide {family} block and use {kinds} instead")
+            if uses_256_blocks(q) and r.fallback_tensors * 2 >= n_matrices:
+                note += f" - this model is too narrow for {family}, so the file is mostly the fallback type"
             notes.append(note)
     eot = info.get("eot")
 
@@ -150,10 +232,18 @@ def export_gguf(
         from care.export.verify import verify_many
 
         t0 = time.perf_counter()
+        labels = {**files, **{q + PLAIN_SUFFIX: p for q, p in plain.items()}}
         try:
-            report = verify_many(files, src.path, n_threads=n_threads, fail=False, **(verify_kwargs or {}))
+            report = verify_many(labels, src.path, n_threads=n_threads, fail=False,
+                                 quants={label: label.removesuffix(PLAIN_SUFFIX) for label in labels},
+                                 **(verify_kwargs or {}))
+            for label, path in labels.items():  # the with/without rows compare size too
+                report["files"][label]["file_bytes"] = path.stat().st_size
         finally:
             seconds["verify"] = time.perf_counter() - t0
+            shutil.rmtree(plain_dir, ignore_errors=True)
+        if imatrix:
+            imatrix_comparison(report, quantized)
         write_json(out / "verify.json", report)
         if not report["passed"]:
             verify_error = VerificationError(
@@ -176,7 +266,8 @@ def export_gguf(
         "care-export-gguf/1",
         source_record(src.path, src.architecture, src.provenance),
         file_records([files[q] for q in wanted], **{files[q].name: {
-            "quant": q, "fallback_tensors": fallback.get(q, 0), "total_tensors": totals.get(q)} for q in wanted}),
+            "quant": q, "fallback_tensors": fallback.get(q, 0), "total_tensors": totals.get(q),
+            "imatrix": bool(imx_record) and q in quantized} for q in wanted}),
         name=model_name,
         converter={"llama_cpp_python": llama_cpp_version(), "script": "convert_hf_to_gguf.py"},
         primary=files[primary].name,
@@ -184,17 +275,20 @@ def export_gguf(
         notes=notes,
         verified=None if report is None else report["passed"],
         verify_report="verify.json" if report is not None else None,
+        imatrix=imx_record,
         seconds={k: round(v, 2) for k, v in seconds.items()},
     )
     write_json(out / "export_config.json", {
         "model_dir": public_name(str(src.path.resolve())), "out_dir": public_name(str(out.resolve())), "quants": wanted, "verify": verify,
-        "name": name, "n_threads": n_threads, "verify_kwargs": verify_kwargs or {}})
+        "name": name, "n_threads": n_threads, "verify_kwargs": verify_kwargs or {}, "imatrix": imatrix,
+        "calibration": public_name(str(calibration)) if calibration is not None else None,
+        "imatrix_chunks": imatrix_chunks})
     manifest_path = write_json(out / "manifest.json", manifest)
     for path in (out / "export_config.json", out / "verify.json", modelfile, manifest_path):
         make_readable(path)
     result = ExportResult(files=files, manifest_path=manifest_path, verify_report=report,
                           fallback_tensors=fallback, total_tensors=totals, modelfile_path=modelfile,
-                          name=model_name, notes=notes, seconds=seconds)
+                          name=model_name, notes=notes, seconds=seconds, imatrix=imx_record)
     if verify_error is not None:
         verify_error.result = result  # type: ignore[attr-defined] - the CLI prints the table before failing
         raise verify_error

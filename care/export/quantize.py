@@ -37,6 +37,9 @@ QUANT_TYPES: dict[str, tuple[str, float]] = {
     "q5_k_s": ("LLAMA_FTYPE_MOSTLY_Q5_K_S", 5.5),
     "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", 5.7),
     "q6_k": ("LLAMA_FTYPE_MOSTLY_Q6_K", 6.6),
+    # A 256-block non-linear 4-bit type (falls back to IQ4_NL on narrow rows); llama.cpp makes it without an
+    # importance matrix too (only IQ1/IQ2/IQ3_XXS require one), better with one.
+    "iq4_xs": ("LLAMA_FTYPE_MOSTLY_IQ4_XS", 4.3),
 }
 # Made by the converter directly, not by the quantizer.
 FLOAT_TYPES = ("f16", "bf16", "f32")
@@ -55,6 +58,11 @@ def is_k_quant(quant: str) -> bool:
     return "_k" in quant
 
 
+def uses_256_blocks(quant: str) -> bool:
+    """Types whose blocks span 256 columns (k-quants, IQ4_XS): narrow rows fall back to a 32-block type."""
+    return is_k_quant(quant) or quant == "iq4_xs"
+
+
 @dataclass
 class QuantResult:
     quant: str
@@ -63,6 +71,30 @@ class QuantResult:
     total_tensors: int
     fallback_types: dict[str, int]  # fallback type -> count, e.g. {"q5_0": 14}
     seconds: float
+
+
+class QuantLog:
+    """Reads llama.cpp's quantizer log (the same lines from the binding's callback and from llama-quantize):
+    progress "[  12/ 272]", each "falling back to q5_0", and the final "N of M tensor(s) required fallback"."""
+
+    def __init__(self, quant: str, progress: Callable[[str, int, int], None] | None = None) -> None:
+        self.quant, self.progress = quant, progress
+        self.fallback = self.total = 0
+        self.fallback_types: dict[str, int] = {}
+
+    def feed(self, line: str) -> None:
+        m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
+        if m:
+            self.total = int(m.group(2))
+            if self.progress:
+                self.progress(self.quant, int(m.group(1)), self.total)
+        fb = re.search(r"falling back to\s+(\w+)", line)
+        if fb:
+            t = fb.group(1).lower()
+            self.fallback_types[t] = self.fallback_types.get(t, 0) + 1
+        m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", line)
+        if m:
+            self.fallback, self.total = int(m.group(1)), int(m.group(2))
 
 
 def quantize_many(
@@ -91,39 +123,79 @@ def quantize_many(
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace")
         assert proc.stdout is not None
-        current: str | None = None
+        current: QuantLog | None = None
         tail: list[str] = []
-        fallback_types: dict[str, dict[str, int]] = {q: {} for q in targets}
+        logs = {q: QuantLog(q, progress) for q in targets}
         for line in proc.stdout:
             tail = [*tail[-50:], line.rstrip()]
             if line.startswith("CARE-QUANT-START "):
-                current = line.split()[1]
+                current = logs[line.split()[1]]
                 continue
             if line.startswith("CARE-QUANT-DONE "):
                 info = json.loads(line.split(" ", 1)[1])
                 q = info["quant"]
-                results[q] = QuantResult(q, targets[q], info["fallback"], info["total"], fallback_types[q],
+                results[q] = QuantResult(q, targets[q], info["fallback"], info["total"], logs[q].fallback_types,
                                          info["seconds"])
                 continue
-            m = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
-            if m and current and progress:
-                progress(current, int(m.group(1)), int(m.group(2)))
-            fb = re.search(r"falling back to\s+(\w+)", line)
-            if fb and current:
-                t = fb.group(1).lower()
-                fallback_types[current][t] = fallback_types[current].get(t, 0) + 1
+            if current is not None:
+                current.feed(line)
         rc = proc.wait()
         if rc != 0 or len(results) != len(targets):
             err = next((t for t in reversed(tail) if re.search(r"error|failed|exception", t, re.I)),
                        tail[-1] if tail else "no output")
             raise ExportError(f"llama.cpp's quantizer failed (exit {rc}): {err.strip()[:300]}", path=f16_path,
                               hint="Check that the f16 GGUF loads (`care export verify`)")
+    _log_fallbacks(results)
+    return results
+
+
+def _log_fallbacks(results: dict[str, QuantResult]) -> None:
     for r in results.values():
         if r.fallback_tensors:
             log.info("%s: %d of %d tensors fell back from the %d-wide k-quant block to %s",
                      r.quant.upper(), r.fallback_tensors, r.total_tensors, K_QUANT_BLOCK,
                      ", ".join(f"{t} x{n}" for t, n in r.fallback_types.items()) or "another type")
         make_readable(r.path)
+
+
+def tool_type(quant: str) -> str:
+    """llama-quantize's name of a type: q4_k_m -> Q4_K_M, iq4_xs -> IQ4_XS."""
+    return quant.upper()
+
+
+def quantize_with_tool(
+    f16_path: Path,
+    targets: dict[str, Path],
+    tool: Path,
+    imatrix: Path | None = None,
+    n_threads: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, QuantResult]:
+    """Quantize with llama.cpp's `llama-quantize` (same source as the binding), `--imatrix` when given.
+
+    The binding's `llama_model_quantize` takes the matrix only as an in-memory array of per-tensor vectors,
+    so the imatrix path uses the tool, which reads llama-imatrix's file itself."""
+    import time
+
+    from care.export.imatrix import run_tool
+
+    for q in targets:
+        if q not in QUANT_TYPES:
+            raise UsageError(f"'{q}' is not a quantizer type", hint=f"Choose from: {', '.join(QUANT_TYPES)}")
+    size = f16_path.stat().st_size
+    check_free_space(next(iter(targets.values())).parent,
+                     sum(int(size * QUANT_TYPES[q][1] / 16) for q in targets), "quantized GGUFs")
+    threads = str(n_threads or _default_threads())
+    results: dict[str, QuantResult] = {}
+    for q, target in targets.items():
+        qlog = QuantLog(q, progress)
+        t0 = time.perf_counter()
+        with atomic_path(target) as tmp:
+            cmd = [tool, *(["--imatrix", imatrix] if imatrix else []), f16_path, tmp, tool_type(q), threads]
+            run_tool(cmd, f"llama-quantize {tool_type(q)}", f16_path, qlog.feed)
+        results[q] = QuantResult(q, target, qlog.fallback, qlog.total, qlog.fallback_types,
+                                 round(time.perf_counter() - t0, 3))
+    _log_fallbacks(results)
     return results
 
 
@@ -159,7 +231,7 @@ def _worker(f16_path: str, jobs_json: str, n_threads: str) -> int:
         if rc != 0:
             _emit(f"error: llama_model_quantize returned {rc} for {job['quant']}")
             return 1
-        info = {"quant": job["quant"], "fallback": buf.fallback, "total": buf.total,
+        info = {"quant": job["quant"], "fallback": buf.qlog.fallback, "total": buf.qlog.total,
                 "seconds": round(time.perf_counter() - t0, 3)}
         _emit("CARE-QUANT-DONE " + json.dumps(info))
     return 0
@@ -179,18 +251,13 @@ class _CaptureFallback:
         import llama_cpp
         from llama_cpp import _logger
 
-        self.fallback, self.total = 0, 0
+        self.qlog = QuantLog("")
         outer = self
 
         @llama_cpp.llama_log_callback
         def callback(level, text, user_data):  # noqa: ARG001 - ctypes signature
             line = text.decode("utf-8", "replace")
-            m = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", line)
-            if m:
-                outer.fallback, outer.total = int(m.group(1)), int(m.group(2))
-            m = re.search(r"\[\s*\d+/\s*(\d+)\]", line)
-            if m:
-                outer.total = int(m.group(1))
+            outer.qlog.feed(line)
             sys.stdout.write(line)
             sys.stdout.flush()
 

@@ -105,6 +105,7 @@ KL_LIMITS: dict[str, tuple[float, float]] = {
     "q4_0": (1.0, 0.2),
     "q4_1": (0.8, 0.15),
     "q3_k_m": (1.5, 0.35),
+    "iq4_xs": (1.0, 0.15),  # SmolLM2 (bench/phone_quant.py): 0.24 without an imatrix, 0.11 with one
 }
 # f16 must be near-exact at any size (it only rounds weights to 11 significant bits): the same next token
 # nearly always (ties in near-uniform tiny models may flip one), and no single position's KL above 2e-3

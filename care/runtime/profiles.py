@@ -11,15 +11,19 @@ from typing import Any
 PROFILES: dict[str, dict[str, Any]] = {
     # llama-cpp-python's own defaults, with the phone-sensible n_ctx and all idle physical cores.
     "laptop": {"threads": None, "n_ctx": 4096, "ceiling_gb": None, "type_k": None, "type_v": None,
-               "flash_attn": None, "repack": None, "use_mmap": True},
+               "flash_attn": None, "repack": None, "use_mmap": True, "quant": "q4_k_m"},
     # Measured on a Phi-3.5-mini-shaped Q4_K_M (2.40 GB) at n_ctx 4096, 2 threads (bench/phone_profile.py):
     # raw llama-cpp-python defaults peak at 5.62 GB RSS (f16 KV 1.6 GB + repacked weights beside the mapping).
     # K q8_0 / V q4_0 (needs flash attention) and the GGUF read into memory instead of mapped, so the repacked
     # weights are the only copy: 3.15 GB, decode 1.00x the raw default's (median of 5 alternated rounds).
     # Mapped without the repacked copy is as small (3.13 GB) and loads 10x faster but decodes ~9% slower;
     # q8_0 for both stays over 3.2 GB (3.34); q4_0 for both fits (2.93) but costs next-token agreement.
+    # `quant`: the export type for a phone (`care export gguf --phone --imatrix`), chosen by bench/phone_quant.py:
+    # of the two types smaller than Q4_K_M, Q3_K_M with a domain importance matrix had the lower KL on SmolLM2
+    # (0.101 vs IQ4_XS 0.111; Q4_K_M 0.038; without the matrix 0.160 / 0.241 / 0.061), and on the
+    # Phi-3.5-shaped model it is the smaller file (1.96 GB vs ~2.1 GB for IQ4_XS; figures in the README).
     "phone": {"threads": 2, "n_ctx": 4096, "ceiling_gb": 4.0, "type_k": "q8_0", "type_v": "q4_0",
-              "flash_attn": True, "repack": True, "use_mmap": False},
+              "flash_attn": True, "repack": True, "use_mmap": False, "quant": "q3_k_m"},
 }
 
 
