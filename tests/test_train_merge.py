@@ -85,3 +85,61 @@ def test_merge_failures(tmp_path, qlora_adapter):
     with pytest.raises(VerificationError):
         merge_adapter(qlora_adapter, tmp_path / "y", tolerance=0.0)
     assert not (tmp_path / "y").exists()  # nothing half-written
+
+
+# -- the weight-level check that judges 16-bit merges ------------------------------------------------------------
+
+def _bf16_copy(src, dst):
+    """The tiny model saved in bf16 (as Phi-3.5-mini ships), so a reload merge happens in bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).to(torch.bfloat16).save_pretrained(str(dst))
+    AutoTokenizer.from_pretrained(str(src)).save_pretrained(str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_merged_weights_match_base_plus_update_and_catch_a_wrong_merge(tmp_path, tiny_llama, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from care.train.merge import check_merged_weights, lora_factors
+
+    base = _bf16_copy(tiny_llama, tmp_path / "base") if dtype == "bfloat16" else tiny_llama
+
+    def adapted():
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=getattr(torch, dtype))
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        g = torch.Generator().manual_seed(1)
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.data = (torch.randn(p.shape, generator=g) * 0.05).to(p.dtype)
+        return peft_model
+
+    peft_model = adapted()
+    factors = lora_factors(peft_model)
+    assert factors and all(k.startswith("model.layers.") for k in factors)
+    merged = peft_model.merge_and_unload()
+    ok = check_merged_weights(merged, str(base), factors, dtype)
+    assert ok["checked"] == len(factors) and ok["max_ratio"] <= 1.0, ok
+    assert ok["delta_to_rounding"] > 1.0  # the update is big enough for the check to see it
+
+    # Twice the LoRA scale (an alpha/rsLoRA mix-up), a merge that skipped a module, and one corrupted matrix.
+    doubled = {k: (a, b, 2 * s) for k, (a, b, s) in factors.items()}
+    assert check_merged_weights(merged, str(base), doubled, dtype)["max_ratio"] > 1.0
+    unmerged = adapted().unload()
+    assert check_merged_weights(unmerged, str(base), factors, dtype)["max_ratio"] > 1.0
+    key = next(iter(factors)) + ".weight"
+    with torch.no_grad():
+        dict(merged.named_parameters())[key].mul_(1.05)
+    bad = check_merged_weights(merged, str(base), factors, dtype)
+    assert bad["max_ratio"] > 1.0 and bad["worst"] == key
+
+
+def test_weight_check_skips_without_a_local_checkpoint(tmp_path, tiny_llama):
+    from care.train.merge import check_merged_weights
+
+    out = check_merged_weights(None, str(tmp_path / "nowhere"), {}, "bfloat16")
+    assert out["checked"] == 0 and "no local safetensors" in out["skipped"]

@@ -8,7 +8,15 @@ Both are checked against the adapter model (merged vs unmerged logits on held-ou
 top-1 agreement; above tolerance is an error) and, for a QLoRA adapter, against the trained function itself
 (NF4 base + adapter), so the report says which method is closer.
 
-Precision: `reload` merges in the base checkpoint's own dtype when that is 16-bit (Phi-3.5-mini ships bf16)
+Precision and the check: in fp32 the logits of merged and unmerged models agree to ~1e-6, so the logit check
+decides. In 16 bits they cannot: every activation is rounded (bf16 keeps 8 bits), and across a 3.8B model's 32
+layers merged vs unmerged logits drift by ~0.3 (measured on the Phi-3.5-shaped model, logit spread ~1.1),
+with argmax flips wherever two tokens nearly tie. So a 16-bit `reload` merge is judged on its weights: every
+LoRA-targeted matrix must equal base + scale * B @ A, computed in fp32 from the base checkpoint and the
+adapter, to within the dtype's rounding (`check_merged_weights`). That catches a wrong base, scale, module or a
+4-bit requantization, with no forward pass; the logit figures are still measured and reported.
+
+`reload` merges in the base checkpoint's own dtype when that is 16-bit (Phi-3.5-mini ships bf16)
 and saves the merged model in it, so a 3.8B merge needs ~1x the 16-bit size in memory (fp32 would double it
 and the saved folder); fp32 checkpoints (the embedded SmolLM2, test models) stay fp32. The NF4 reference
 (trained function) is computed first and freed before the 16-bit base loads, so both never share memory.
@@ -95,6 +103,83 @@ def compare(a, b, mask) -> tuple[float, float]:
     diff = (a - b).abs().amax(-1)[m].max().item()
     agree = (a.argmax(-1) == b.argmax(-1))[m].float().mean().item()
     return float(diff), float(agree)
+
+
+def lora_factors(peft_model, adapter_name: str = "default") -> dict[str, tuple[Any, Any, float]]:
+    """{module name as in the base checkpoint: (A fp32, B fp32, scaling)} of every LoRA layer, read before
+    merging (a few MB at r=8)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            key = name.removeprefix("base_model.model.")
+            out[key] = (module.lora_A[adapter_name].weight.detach().float().clone(),
+                        module.lora_B[adapter_name].weight.detach().float().clone(),
+                        float(module.scaling[adapter_name]))
+    return out
+
+
+def _checkpoint_tensors(base: str):
+    """key -> lazily read tensor of a local safetensors checkpoint (one tensor in memory at a time)."""
+    from safetensors import safe_open
+
+    folder = Path(base)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(base, local_files_only=True))
+        except Exception:  # not cached locally: the caller falls back to the logit check
+            return None
+    where: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt", device="cpu") as h:
+            where.update(dict.fromkeys(h.keys(), f))  # noqa: SIM118 - a safe_open handle is not a dict
+    if not where:
+        return None
+
+    def get(key: str):
+        with safe_open(str(where[key]), framework="pt", device="cpu") as h:
+            return h.get_tensor(key)
+
+    return where, get
+
+
+def check_merged_weights(merged, base: str, factors: dict[str, tuple[Any, Any, float]], dtype: str) -> dict[str, Any]:
+    """Each merged LoRA-targeted weight vs base + scaling * B @ A computed in fp32 from the checkpoint.
+
+    Allowed error per element: the dtype's eps (bf16 2^-7, fp16 2^-10, fp32 2^-23) times (|expected| +
+    |delta|): the merge rounds the delta and the sum once each. Returns {"checked", "max_ratio" (worst
+    error / allowed; <= 1 passes), "worst", "delta_to_rounding" (how far the LoRA update stands above the
+    rounding: below 1 the adapter is too small for any check to see), "skipped" (reason) }."""
+    import torch
+
+    found = _checkpoint_tensors(base)
+    if found is None:
+        return {"checked": 0, "skipped": f"no local safetensors checkpoint for {base}"}
+    where, get = found
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    worst_ratio, worst, delta_ratio, checked = 0.0, None, 0.0, 0
+    params = dict(merged.named_parameters())
+    for name, (a, b, scaling) in factors.items():
+        key = f"{name}.weight"
+        if key not in where or key not in params:
+            return {"checked": checked, "skipped": f"{key} not found in the base checkpoint or merged model"}
+        delta = scaling * (b @ a)
+        expected = get(key).float() + delta
+        got = params[key].detach().float()
+        if got.shape != expected.shape:
+            return {"checked": checked, "max_ratio": float("inf"), "worst": key,
+                    "error": f"shape {tuple(got.shape)} != {tuple(expected.shape)}"}
+        allowed = eps * (expected.abs() + delta.abs()) + 1e-12
+        ratio = ((got - expected).abs() / allowed).max().item()
+        delta_ratio = max(delta_ratio, (delta.abs() / (eps * expected.abs() + 1e-12)).max().item())
+        if ratio > worst_ratio:
+            worst_ratio, worst = ratio, key
+        checked += 1
+        del delta, expected, got, allowed
+    return {"checked": checked, "max_ratio": worst_ratio, "worst": worst, "delta_to_rounding": delta_ratio}
 
 
 def merge_dtype(base: str, requested: str = "auto") -> str:
@@ -208,12 +293,16 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
         else:
             fp = load_model(base, quant, quantize=False, dtype=getattr(torch, reload_dtype))
         peft_model = PeftModel.from_pretrained(fp, str(adapter_dir)).eval()
+        factors = lora_factors(peft_model) if m == "reload" else {}
         unmerged = _logits(peft_model, enc)
         merged = peft_model.merge_and_unload().eval()
         merged_logits = _logits(merged, enc)
         diff, agree = compare(merged_logits, unmerged, mask)
         cand = {"method": m, "max_abs_diff": diff, "top1_agreement": agree, "model": merged,
                 "dtype": reload_dtype if m == "reload" else "float32", "logits": merged_logits}
+        if factors:  # the base checkpoint's own weights: only `reload` merges into those
+            cand["weights"] = check_merged_weights(merged, base, factors, cand["dtype"])
+            del factors
         candidates.append(cand)
     if quantized and trained_logits is None:
         q = load_model(base, quant, quantize=True)
@@ -237,14 +326,34 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
                  c["max_abs_diff"], c["top1_agreement"], c.get("trained_max_abs_diff"))
     if verify:
         for c in public:
-            tol = tolerance if tolerance is not None else TOLERANCE[c["dtype"]]
-            if c["max_abs_diff"] > tol or c["top1_agreement"] < 0.99:
-                raise VerificationError(
-                    f"Merged model ({c['method']}, {c['dtype']}) differs from the adapter model: max |Δlogit| "
-                    f"{c['max_abs_diff']:.3g} > {tol:g} or top-1 agreement {c['top1_agreement']:.3f} < 0.99",
-                    path=adapter_dir, hint="Check that the adapter matches its base model; nothing was saved")
+            _judge(c, tolerance, adapter_dir)
     _save(chosen["model"], tokenizer, base, adapter_dir, out_dir, info, report, chosen["dtype"])
     return report
+
+
+def _judge(c: dict[str, Any], tolerance: float | None, adapter_dir: Path) -> None:
+    """Raise VerificationError if candidate `c` is not a faithful merge (see the module docstring)."""
+    hint = "Check that the adapter matches its base model; nothing was saved"
+    weights = c.get("weights") or {}
+    if weights.get("max_ratio", 0.0) > 1.0:
+        raise VerificationError(
+            f"Merged weight {weights.get('worst')} differs from base + LoRA update by {weights['max_ratio']:.3g}x "
+            f"the {c['dtype']} rounding" + (f" ({weights['error']})" if weights.get("error") else ""),
+            path=adapter_dir, hint=hint)
+    tol = tolerance if tolerance is not None else TOLERANCE[c["dtype"]]
+    logits_ok = c["max_abs_diff"] <= tol and c["top1_agreement"] >= 0.99
+    if logits_ok:
+        return
+    if c["dtype"] != "float32" and tolerance is None and weights.get("checked"):
+        # 16-bit: the weights were checked exactly; the logit drift is rounding (module docstring).
+        log.info("merge %s: %s logits drift by %.3g (top-1 %.3f) through rounding; the merged weights match "
+                 "base + LoRA update within %s rounding (%d matrices)", c["method"], c["dtype"],
+                 c["max_abs_diff"], c["top1_agreement"], c["dtype"], weights["checked"])
+        return
+    raise VerificationError(
+        f"Merged model ({c['method']}, {c['dtype']}) differs from the adapter model: max |Δlogit| "
+        f"{c['max_abs_diff']:.3g} > {tol:g} or top-1 agreement {c['top1_agreement']:.3f} < 0.99",
+        path=adapter_dir, hint=hint)
 
 
 def _save(model, tokenizer, base: str, adapter_dir: Path, out_dir: Path, info: dict[str, Any],
