@@ -64,11 +64,28 @@ _BINDING_ANCHOR = "_lib = load_shared_library(_lib_base_name, _base_path)\n"
 _BINDING_PATCH = '''
 # care portable build: ggml's CPU kernels are per-CPU-family modules (libggml-cpu-<variant>.so) next to this
 # library; llama_backend_init() only searches the executable's folder and the cwd, so load them from here.
+# ggml reports the module it picks ("load_backend: loaded CPU backend from ...") at INFO, straight to stderr:
+# route that through the "llama-cpp-python" logger while loading, so it shows only where logging asks for INFO
+# (`care -v`), then give ggml its default logger back (llama-cpp-python sets its own on import).
 if not _lib.ggml_backend_reg_count() and any(_base_path.glob("libggml-cpu-*.so")):
-    _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
+    import logging as _care_logging
+
+    def _care_ggml_log(level, text, _user):
+        _care_logging.getLogger("llama-cpp-python").log(
+            {1: _care_logging.DEBUG, 3: _care_logging.WARNING, 4: _care_logging.ERROR}.get(level, _care_logging.INFO),
+            "%s", (text or b"").decode("utf-8", "replace").rstrip("\\n"))
+
+    _care_log_cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_care_ggml_log)
+    _lib.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _lib.ggml_log_set(ctypes.cast(_care_log_cb, ctypes.c_void_p), None)
+    try:
+        _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
+    finally:
+        _lib.ggml_log_set(None, None)
+    del _care_log_cb, _care_ggml_log, _care_logging
 '''
-_PATCH_REV = 1
+_PATCH_REV = 2
 
 # Tools: llama.cpp CMake target -> what it is for.
 TOOLS = {
@@ -364,6 +381,18 @@ def tools_dir(target: str = "native", version: str | None = None) -> Path:
     return cache_root() / build_key(resolve_version(version), f"tools-{target}", args)
 
 
+def _moved_tree(tree: Path) -> bool:
+    """True if `tree` was configured at another path: CMake trees hold absolute paths and cannot move (ninja
+    then fails "rebuilding 'build.ninja'"), so a moved cache needs a fresh configure (and a full build)."""
+    try:
+        text = (tree / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    configured = next((ln.split("=", 1)[1].strip() for ln in text.splitlines()
+                       if ln.startswith("CMAKE_CACHEFILE_DIR:")), None)
+    return configured is not None and Path(configured).resolve() != tree.resolve()
+
+
 def find_tools(names: Sequence[str], target: str = "native", version: str | None = None) -> dict[str, Path] | None:
     """Cached binaries for all of `names`, or None if any is missing (never builds)."""
     folder = tools_dir(target, version) / "bin"
@@ -403,6 +432,9 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
                 (tmp / ".care-complete").write_text(sdist.name + "\n", encoding="utf-8")
         tree = folder / "tree"
         started = time.monotonic()
+        if _moved_tree(tree):
+            log.info("The CMake tree %s was configured in another folder (the cache was moved): reconfiguring", tree)
+            shutil.rmtree(tree)
         if not (tree / "CMakeCache.txt").is_file():
             _run(["cmake", "-S", src / "llama.cpp", "-B", tree, "-G", "Ninja" if shutil.which("ninja") else
                   "Unix Makefiles", *args], log_path)
