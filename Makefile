@@ -56,10 +56,11 @@ cross-tools:
 	   (apt-get update -q && apt-get install -y -q qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)) >/dev/null; \
 	else echo "qemu-user / gcc-aarch64-linux-gnu missing and not root: the qemu and ARM tests will skip"; fi
 
-# llama.cpp's llama-simple, static, cross-built for aarch64 (cached; ~6 min on 2 cores the first time).
+# llama.cpp's llama-simple (token checks) and llama-cli (the ARM bundle's chat), static, cross-built for
+# aarch64 in one CMake tree (cached by version and flags; built once per machine).
 arm-tools: setup cross-tools
 	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
-	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
+	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple llama-cli --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
 
 # Default suite first, then the slow end-to-end pass (CI runs both). pytest exits 5 when a selection
 # collects nothing; that is not a failure here.

@@ -137,6 +137,7 @@ def test_bundle_installs_and_answers_with_no_network(tmp_path, embedded_gguf, po
     installed = time.monotonic() - t1
     answer = proc.stdout.split("Done. Start the assistant with:", 1)[-1].split("\n", 1)[-1].strip()
     assert answer, proc.stdout
+    assert "loaded CPU backend" not in proc.stderr, proc.stderr[-1000:]  # ggml's module line stays off stderr
     assert (prefix / "app" / "venv").is_dir() and not list(prefix.glob(".app-*"))
     assert not list((prefix / "app" / "venv" / "lib").glob("python*/site-packages/torch"))
     print(f"bundle: {bundle.folder_bytes / 2**20:.0f} MiB folder, {bundle.archive_bytes / 2**20:.0f} MiB tar.gz, "
