@@ -14,11 +14,20 @@ from care.toolchain.llamacpp import BuildError
 
 
 def test_build_key_changes_with_version_target_and_flags():
-    base = llamacpp.build_key("0.3.36", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
+    args, rev = llamacpp.PORTABLE_WHEEL_ARGS, llamacpp._PATCH_REV
+    base = llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
     assert base.startswith("0.3.36-wheel-x86_64-portable-")
-    assert base == llamacpp.build_key("0.3.36", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
-    assert base != llamacpp.build_key("0.3.37", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
-    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", (*llamacpp.PORTABLE_WHEEL_ARGS, "-DX=1"))
+    assert base == llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
+    assert base != llamacpp.build_key("0.3.37", "wheel-x86_64-portable", args, rev)
+    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", (*args, "-DX=1"), rev)
+    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev + 1)
+
+
+def test_the_binding_patch_does_not_change_the_tools_keys(monkeypatch):
+    # a new binding patch rebuilds the wheel (~12 min), never the cross-built tools (~1 h on 2 cores)
+    before = {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS}
+    monkeypatch.setattr(llamacpp, "_PATCH_REV", llamacpp._PATCH_REV + 1)
+    assert {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS} == before
 
 
 def test_cache_root_honours_env(tmp_path, monkeypatch):

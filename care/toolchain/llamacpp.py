@@ -161,9 +161,16 @@ def resolve_version(version: str | None = None) -> str:
                          hint="Pass the version, e.g. --version 0.3.36 (see constraints.txt)") from exc
 
 
-def build_key(version: str, target: str, args: Sequence[str]) -> str:
-    """Folder name of one build: version, target and a hash of everything that changes the binaries."""
-    flags = json.dumps({"args": list(args), "patch": _PATCH_REV}, sort_keys=True)
+# Bump when the tools' recipe changes in a way their CMake args do not show. (Hashed under the same "patch"
+# field as the wheel's _PATCH_REV, which the tools never had: so the binding patch no longer changes their keys
+# and the cached tools, an hour to cross-build on 2 cores, stay valid.)
+_TOOLS_REV = 1
+
+
+def build_key(version: str, target: str, args: Sequence[str], rev: int) -> str:
+    """Folder name of one build: version, target and a hash of everything that changes the binaries (the
+    CMake args and `rev`: _PATCH_REV for the wheel, _TOOLS_REV for the tools)."""
+    flags = json.dumps({"args": list(args), "patch": rev}, sort_keys=True)
     return f"{version}-{target}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
@@ -306,7 +313,7 @@ def wheel_target() -> str:
 def find_wheel(version: str | None = None) -> Path | None:
     """The cached portable wheel for `version`, or None (never builds)."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
     try:
         info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -318,7 +325,7 @@ def find_wheel(version: str | None = None) -> Path | None:
 def build_wheel(version: str | None = None, *, force: bool = False) -> Path:
     """Build (or reuse) the portable llama-cpp-python wheel; return its path."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
     with _locked(folder.with_name(folder.name + ".lock")):
         found = None if force else find_wheel(version)
         if found:
@@ -378,7 +385,7 @@ def tools_dir(target: str = "native", version: str | None = None) -> Path:
     if target not in TARGETS:
         raise BuildError(f"Unknown build target '{target}'", hint=f"Use one of: {', '.join(TARGETS)}")
     args = (*_TOOL_COMMON, *TARGETS[target]["args"])  # type: ignore[misc]
-    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args)
+    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args, _TOOLS_REV)
 
 
 def _moved_tree(tree: Path) -> bool:
