@@ -17,7 +17,9 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup demo test test-fast test-slow lint bench clean cross-tools arm-tools
 
-setup: $(STAMP) $(TRIAGE_MODEL)
+WHEEL  := $(VENV)/.llama-cpp-wheel
+
+setup: $(STAMP) $(WHEEL) $(TRIAGE_MODEL)
 
 # The triage and domain classifiers are built here, not committed: ~45 s, byte-identical on every run
 # (fixed seeds), from care/data/triage/train.jsonl and the training sides of ../shared/data.
@@ -29,11 +31,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(BIN)/python -m care.toolchain.llamacpp wheel --version $(LLAMA_CPP_VERSION) > $(VENV)/.llama-cpp-wheel
-	$(PIP) install -c constraints.txt "$$(cat $(VENV)/.llama-cpp-wheel)"
+	$(BIN)/python -m care.toolchain.llamacpp wheel --version $(LLAMA_CPP_VERSION) > $(WHEEL)
+	$(PIP) install -c constraints.txt "$$(cat $(WHEEL))"
 	$(PIP) install -c constraints.txt -e ".[all,dev]"
 	$(BIN)/care export setup  # llama.cpp's converter matching the installed llama-cpp-python (pip download)
 	touch $@
+
+# The build module changed (flags, the binding patch: its cache key changes): build that wheel once, or find it
+# cached, and swap it into the existing venv, without redoing the rest of setup.
+$(WHEEL): care/toolchain/llamacpp.py | $(STAMP)
+	$(BIN)/python -m care.toolchain.llamacpp wheel --version $(LLAMA_CPP_VERSION) > $@.new
+	$(PIP) install -q --no-deps --force-reinstall "$$(cat $@.new)"
+	mv $@.new $@
 
 demo: setup
 	$(BIN)/care demo
@@ -47,10 +56,11 @@ cross-tools:
 	   (apt-get update -q && apt-get install -y -q qemu-user gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)) >/dev/null; \
 	else echo "qemu-user / gcc-aarch64-linux-gnu missing and not root: the qemu and ARM tests will skip"; fi
 
-# llama.cpp's llama-simple, static, cross-built for aarch64 (cached; ~6 min on 2 cores the first time).
+# llama.cpp's llama-simple (token checks) and llama-cli (the ARM bundle's chat), static, cross-built for
+# aarch64 in one CMake tree (cached by version and flags; built once per machine).
 arm-tools: setup cross-tools
 	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
-	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
+	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple llama-cli --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
 
 # Default suite first, then the slow end-to-end pass (CI runs both). pytest exits 5 when a selection
 # collects nothing; that is not a failure here.

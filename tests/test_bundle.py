@@ -6,6 +6,7 @@ every check here must fail before pip runs. The full build + offline install is 
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -37,10 +38,44 @@ def fake_bundle(folder: Path, *, python: str = PY, platform_: str | None = None,
     return folder
 
 
-def install(folder: Path, prefix: Path) -> subprocess.CompletedProcess[str]:
+def fake_arm_bundle(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "bin").mkdir()
+    (folder / "bin" / "llama-cli").write_bytes(b"\x7fELF placeholder")
+    (folder / "models").mkdir()
+    (folder / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(100))
+    (folder / "install.sh").write_text(bundle._template("install.sh"))
+    (folder / "install.sh").chmod(0o755)
+    (folder / "start.sh").write_text("#!/bin/sh\n")
+    (folder / "README-ARM.md").write_text("x\n")
+    (folder / "bundle.json").write_text("{}\n")
+    (folder / "bundle.env").write_text("BUNDLE_PLATFORM=linux-aarch64\nBUNDLE_PYTHON=\nBUNDLE_INSTALL_KB=1\n")
+    bundle._manifest(folder)
+    return folder
+
+
+def install(folder: Path, prefix: Path, *, cpuinfo: str | None = None, machine: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
+    """Run install.sh; `cpuinfo` replaces /proc/cpuinfo, `machine` what `uname -m` says (a PATH shim)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(prefix.parent), "PYTHON": sys.executable}
+    if cpuinfo is not None:
+        (prefix.parent / "cpuinfo").write_text(cpuinfo)
+        env["CARE_CPUINFO"] = str(prefix.parent / "cpuinfo")
+    if machine is not None:
+        shim = prefix.parent / "shim"
+        shim.mkdir()
+        (shim / "uname").write_text(f'#!/bin/sh\n[ "$1" = -m ] && echo {machine} || exec /bin/uname "$@"\n')
+        (shim / "uname").chmod(0o755)
+        env["PATH"] = f"{shim}:{env['PATH']}"
     return subprocess.run([str(folder / "install.sh"), str(prefix)], capture_output=True, text=True, env=env,
                           timeout=60)
+
+
+# /proc/cpuinfo lines of CPUs the bundles must refuse or accept (abridged to the flags that matter).
+CORE2_FLAGS = "flags\t\t: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr sse sse2 ss ht pni ssse3 cx16 lahf_lm\n"
+PI4_FEATURES = "Features\t: fp asimd evtstrm crc32 cpuid\nCPU part\t: 0xd08\n"  # Cortex-A72
+A76_FEATURES = ("Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm "
+                "lrcpc dcpop asimddp\nCPU part\t: 0xd0b\n")  # Cortex-A76 (Raspberry Pi 5, 2019+ phones)
 
 
 def assert_refused(proc: subprocess.CompletedProcess[str], prefix: Path, *words: str) -> None:
@@ -80,6 +115,25 @@ class TestInstallerRefuses:
     def test_wrong_cpu_architecture(self, tmp_path):
         b = fake_bundle(tmp_path / "b", platform_="linux-aarch64")
         assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "aarch64", "x86_64")
+
+    def test_cpu_without_sse42_is_refused(self, tmp_path):
+        # a Core 2: numpy (x86-64-v2) dies with SIGILL there (measured under qemu-x86_64 -cpu core2duo)
+        b = fake_bundle(tmp_path / "b")
+        assert_refused(install(b, tmp_path / "inst", cpuinfo=CORE2_FLAGS), tmp_path / "inst",
+                       "too old", "sse4_1 sse4_2 popcnt", "SSE4.2")
+
+    def test_arm_cpu_without_dotprod_is_refused(self, tmp_path):
+        b = fake_arm_bundle(tmp_path / "b")
+        assert_refused(install(b, tmp_path / "inst", cpuinfo=PI4_FEATURES, machine="aarch64"), tmp_path / "inst",
+                       "too old", "asimddp", "Raspberry Pi 3 or 4")
+
+    def test_arm_bundle_installs_on_a_dotprod_cpu(self, tmp_path):
+        b = fake_arm_bundle(tmp_path / "b")
+        proc = install(b, tmp_path / "inst", cpuinfo=A76_FEATURES, machine="aarch64")
+        assert proc.returncode == 0, proc.stderr
+        app = tmp_path / "inst" / "app"
+        assert (app / "bin" / "llama-cli").read_bytes() == (b / "bin" / "llama-cli").read_bytes()
+        assert os.access(app / "bin" / "llama-cli", os.X_OK) and (tmp_path / "inst" / "start.sh").is_symlink()
 
     def test_no_disk_space(self, tmp_path):
         b = fake_bundle(tmp_path / "b", install_kb=2**50)

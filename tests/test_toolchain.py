@@ -14,11 +14,20 @@ from care.toolchain.llamacpp import BuildError
 
 
 def test_build_key_changes_with_version_target_and_flags():
-    base = llamacpp.build_key("0.3.36", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
+    args, rev = llamacpp.PORTABLE_WHEEL_ARGS, llamacpp._PATCH_REV
+    base = llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
     assert base.startswith("0.3.36-wheel-x86_64-portable-")
-    assert base == llamacpp.build_key("0.3.36", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
-    assert base != llamacpp.build_key("0.3.37", "wheel-x86_64-portable", llamacpp.PORTABLE_WHEEL_ARGS)
-    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", (*llamacpp.PORTABLE_WHEEL_ARGS, "-DX=1"))
+    assert base == llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
+    assert base != llamacpp.build_key("0.3.37", "wheel-x86_64-portable", args, rev)
+    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", (*args, "-DX=1"), rev)
+    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev + 1)
+
+
+def test_the_binding_patch_does_not_change_the_tools_keys(monkeypatch):
+    # a new binding patch rebuilds the wheel (~12 min), never the cross-built tools (~1 h on 2 cores)
+    before = {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS}
+    monkeypatch.setattr(llamacpp, "_PATCH_REV", llamacpp._PATCH_REV + 1)
+    assert {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS} == before
 
 
 def test_cache_root_honours_env(tmp_path, monkeypatch):
@@ -37,6 +46,9 @@ def test_binding_patch_inserted_once_and_refuses_unknown_layout(tmp_path):
     assert patched.count("ggml_backend_load_all_from_path") == 2
     assert patched.index(llamacpp._BINDING_ANCHOR) < patched.index("ggml_backend_load_all_from_path")
     compile(patched, "llama_cpp.py", "exec")
+    # ggml's load messages go to Python logging only while the modules load; then ggml's own logger is back
+    assert patched.index("_lib.ggml_log_set(ctypes.cast") < patched.index("_lib.ggml_backend_load_all_from_path(")
+    assert "finally:\n        _lib.ggml_log_set(None, None)" in patched
     (pkg / "llama_cpp.py").write_text("import ctypes\n_lib = something_else()\n")
     with pytest.raises(BuildError, match="load_shared_library"):
         llamacpp._patch_binding(tmp_path)
@@ -88,3 +100,16 @@ def test_cpu_variants_read_from_the_wheel(tmp_path):
             zf.writestr(name, b"")
     assert llamacpp.cpu_variants(wheel) == ["haswell", "skylakex"]
     assert llamacpp.cpu_variants(Path(wheel)) != []
+
+
+def test_a_moved_cmake_tree_is_detected(tmp_path):
+    tree = tmp_path / "cache" / "tree"
+    tree.mkdir(parents=True)
+    assert not llamacpp._moved_tree(tree)  # not configured yet
+    (tree / "CMakeCache.txt").write_text(f"# comment\nCMAKE_CACHEFILE_DIR:INTERNAL={tree}\nX:BOOL=ON\n")
+    assert not llamacpp._moved_tree(tree)
+    (tmp_path / "link").symlink_to(tmp_path / "cache")  # the same folder by another name is not a move
+    (tree / "CMakeCache.txt").write_text(f"CMAKE_CACHEFILE_DIR:INTERNAL={tmp_path / 'link' / 'tree'}\n")
+    assert not llamacpp._moved_tree(tree)
+    (tree / "CMakeCache.txt").write_text("CMAKE_CACHEFILE_DIR:INTERNAL=/work/build/.cache/llama.cpp/x/tree\n")
+    assert llamacpp._moved_tree(tree)

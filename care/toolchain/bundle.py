@@ -211,6 +211,7 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
     started = time.monotonic()
     out_p.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
+    os.chmod(work, 0o755)  # mkdtemp's 0700 would travel in the archive to the clinic machine
     archive = out_p.with_name(out_p.name + ".tar.gz")
     tmp_archive = archive.with_name(f".{archive.name}.part")
     try:

@@ -64,11 +64,28 @@ _BINDING_ANCHOR = "_lib = load_shared_library(_lib_base_name, _base_path)\n"
 _BINDING_PATCH = '''
 # care portable build: ggml's CPU kernels are per-CPU-family modules (libggml-cpu-<variant>.so) next to this
 # library; llama_backend_init() only searches the executable's folder and the cwd, so load them from here.
+# ggml reports the module it picks ("load_backend: loaded CPU backend from ...") at INFO, straight to stderr:
+# route that through the "llama-cpp-python" logger while loading, so it shows only where logging asks for INFO
+# (`care -v`), then give ggml its default logger back (llama-cpp-python sets its own on import).
 if not _lib.ggml_backend_reg_count() and any(_base_path.glob("libggml-cpu-*.so")):
-    _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-    _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
+    import logging as _care_logging
+
+    def _care_ggml_log(level, text, _user):
+        _care_logging.getLogger("llama-cpp-python").log(
+            {1: _care_logging.DEBUG, 3: _care_logging.WARNING, 4: _care_logging.ERROR}.get(level, _care_logging.INFO),
+            "%s", (text or b"").decode("utf-8", "replace").rstrip("\\n"))
+
+    _care_log_cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_care_ggml_log)
+    _lib.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    _lib.ggml_log_set(ctypes.cast(_care_log_cb, ctypes.c_void_p), None)
+    try:
+        _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
+    finally:
+        _lib.ggml_log_set(None, None)
+    del _care_log_cb, _care_ggml_log, _care_logging
 '''
-_PATCH_REV = 1
+_PATCH_REV = 2
 
 # Tools: llama.cpp CMake target -> what it is for.
 TOOLS = {
@@ -144,9 +161,16 @@ def resolve_version(version: str | None = None) -> str:
                          hint="Pass the version, e.g. --version 0.3.36 (see constraints.txt)") from exc
 
 
-def build_key(version: str, target: str, args: Sequence[str]) -> str:
-    """Folder name of one build: version, target and a hash of everything that changes the binaries."""
-    flags = json.dumps({"args": list(args), "patch": _PATCH_REV}, sort_keys=True)
+# Bump when the tools' recipe changes in a way their CMake args do not show. (Hashed under the same "patch"
+# field as the wheel's _PATCH_REV, which the tools never had: so the binding patch no longer changes their keys
+# and the cached tools, an hour to cross-build on 2 cores, stay valid.)
+_TOOLS_REV = 1
+
+
+def build_key(version: str, target: str, args: Sequence[str], rev: int) -> str:
+    """Folder name of one build: version, target and a hash of everything that changes the binaries (the
+    CMake args and `rev`: _PATCH_REV for the wheel, _TOOLS_REV for the tools)."""
+    flags = json.dumps({"args": list(args), "patch": rev}, sort_keys=True)
     return f"{version}-{target}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
@@ -289,7 +313,7 @@ def wheel_target() -> str:
 def find_wheel(version: str | None = None) -> Path | None:
     """The cached portable wheel for `version`, or None (never builds)."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
     try:
         info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -301,7 +325,7 @@ def find_wheel(version: str | None = None) -> Path | None:
 def build_wheel(version: str | None = None, *, force: bool = False) -> Path:
     """Build (or reuse) the portable llama-cpp-python wheel; return its path."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
     with _locked(folder.with_name(folder.name + ".lock")):
         found = None if force else find_wheel(version)
         if found:
@@ -361,7 +385,19 @@ def tools_dir(target: str = "native", version: str | None = None) -> Path:
     if target not in TARGETS:
         raise BuildError(f"Unknown build target '{target}'", hint=f"Use one of: {', '.join(TARGETS)}")
     args = (*_TOOL_COMMON, *TARGETS[target]["args"])  # type: ignore[misc]
-    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args)
+    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args, _TOOLS_REV)
+
+
+def _moved_tree(tree: Path) -> bool:
+    """True if `tree` was configured at another path: CMake trees hold absolute paths and cannot move (ninja
+    then fails "rebuilding 'build.ninja'"), so a moved cache needs a fresh configure (and a full build)."""
+    try:
+        text = (tree / "CMakeCache.txt").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    configured = next((ln.split("=", 1)[1].strip() for ln in text.splitlines()
+                       if ln.startswith("CMAKE_CACHEFILE_DIR:")), None)
+    return configured is not None and Path(configured).resolve() != tree.resolve()
 
 
 def find_tools(names: Sequence[str], target: str = "native", version: str | None = None) -> dict[str, Path] | None:
@@ -403,6 +439,9 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
                 (tmp / ".care-complete").write_text(sdist.name + "\n", encoding="utf-8")
         tree = folder / "tree"
         started = time.monotonic()
+        if _moved_tree(tree):
+            log.info("The CMake tree %s was configured in another folder (the cache was moved): reconfiguring", tree)
+            shutil.rmtree(tree)
         if not (tree / "CMakeCache.txt").is_file():
             _run(["cmake", "-S", src / "llama.cpp", "-B", tree, "-G", "Ninja" if shutil.which("ninja") else
                   "Unix Makefiles", *args], log_path)

@@ -1,7 +1,8 @@
 #!/bin/sh
 # CARE Edge offline installer. Usage: ./install.sh [FOLDER]   (default: $HOME/care-edge)
-# Checks everything first (files, checksums, OS, CPU, Python, free space), then installs into a temp folder
-# and renames it into place, so a failed or interrupted install leaves nothing half-done.
+# Checks everything first (files, checksums, OS, CPU architecture and features, Python, free space), then
+# installs into a temp folder and renames it into place, so a failed or interrupted install leaves nothing
+# half-done.
 # Your chats and settings live in FOLDER/home and are never touched by a (re)install.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -26,6 +27,24 @@ case "$BUNDLE_PLATFORM" in
   linux-x86_64) [ "$arch" = x86_64 ] || fail "This bundle is for x86-64 PCs; this machine is $arch. Build one with: care bundle --platform linux-aarch64" ;;
   linux-aarch64) [ "$arch" = aarch64 ] || fail "This bundle is for 64-bit ARM (aarch64); this machine is $arch." ;;
 esac
+# The CPU has the instructions the programs use, else they die with "Illegal instruction" at start.
+# x86-64: numpy (needed by the llama.cpp binding) is built for x86-64-v2 (SSE4.2, POPCNT); llama.cpp itself
+# picks its kernels at run time. ARM: llama-cli is built for ARMv8.2-A with dot-product and FP16.
+# (CARE_CPUINFO: another cpuinfo file, for the installer's own tests.)
+CPUINFO=${CARE_CPUINFO:-/proc/cpuinfo}
+if [ -r "$CPUINFO" ]; then
+  case "$BUNDLE_PLATFORM" in
+    linux-x86_64) need="ssse3 sse4_1 sse4_2 popcnt"
+      cpu="an x86-64 CPU with SSE4.2 and POPCNT (most PCs made since 2010)" ;;
+    linux-aarch64) need="asimddp fphp asimdhp"
+      cpu="an ARMv8.2-A CPU with dot-product and FP16 (Cortex-A55/A75/A76 or newer; not a Raspberry Pi 3 or 4)" ;;
+    *) need="" ;;
+  esac
+  have=" $(grep -m 1 -E '^(flags|Features)[[:space:]]*:' "$CPUINFO" | sed 's/^[^:]*://' | tr '\t' ' ') "
+  lacks=""
+  for f in $need; do case "$have" in *" $f "*) ;; *) lacks="$lacks $f" ;; esac; done
+  [ -z "$lacks" ] || fail "This CPU is too old for CARE Edge (it lacks:$lacks). It needs $cpu."
+fi
 if [ -n "$BUNDLE_PYTHON" ]; then
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
