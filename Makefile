@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-slow lint bench clean cross-tools arm-tools
+.PHONY: setup demo test test-fast test-slow lint bench clean cross-tools arm-tools tools
 
 WHEEL  := $(VENV)/.llama-cpp-wheel
 
@@ -61,6 +61,12 @@ cross-tools:
 arm-tools: setup cross-tools
 	@if command -v aarch64-linux-gnu-g++ >/dev/null; then \
 	  $(BIN)/python -m care.toolchain.llamacpp tools llama-simple llama-cli --target linux-aarch64 --version $(LLAMA_CPP_VERSION) >/dev/null; fi
+
+# Optional: llama.cpp's own server, imatrix and quantizer for this machine (cached by version and flags; ~10 min
+# on 2 cores the first time). With them, the slow tests against a real llama-server and the imatrix export run
+# instead of skipping. Not part of `make test`, to keep a fresh machine's run under the hour.
+tools: setup
+	$(BIN)/python -m care.toolchain.llamacpp tools llama-server llama-imatrix llama-quantize --version $(LLAMA_CPP_VERSION) >/dev/null
 
 # Default suite first, then the slow end-to-end pass (CI runs both). pytest exits 5 when a selection
 # collects nothing; that is not a failure here.

@@ -299,8 +299,8 @@ def _llama_server() -> Path | None:
 def test_gateway_over_a_real_llama_server(embedded_gguf):
     binary = _llama_server()
     if binary is None:
-        pytest.skip("llama-server is not built: run `care export setup --tools` and set CARE_LLAMA_SERVER to its path "
-                    "(or `python -m care.toolchain.llamacpp tools llama-server`)")
+        pytest.skip("llama-server is not built: `make tools` or `care export setup --tools` (cached once per "
+                    "llama.cpp version), or set CARE_LLAMA_SERVER to a llama-server binary")
     port = _free_port()
     proc = subprocess.Popen([str(binary), "-m", str(embedded_gguf), "--host", "127.0.0.1", "--port", str(port),
                              "-np", "2", "-c", "4096", "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -151,8 +151,8 @@ def check_merged_weights(merged, base: str, factors: dict[str, tuple[Any, Any, f
 
     Allowed error per element: the dtype's eps (bf16 2^-7, fp16 2^-10, fp32 2^-23) times (|expected| +
     |delta|): the merge rounds the delta and the sum once each. Returns {"checked", "max_ratio" (worst
-    error / allowed; <= 1 passes), "worst", "delta_to_rounding" (how far the LoRA update stands above the
-    rounding: below 1 the adapter is too small for any check to see), "skipped" (reason) }."""
+    error / allowed; <= 1 passes), "worst", "delta_to_rounding" (the largest ||update|| / (eps * ||merged
+    weight||) over the matrices: below 1 the update is within rounding, too small for any check to see), "skipped" (reason) }."""
     import torch
 
     found = _checkpoint_tensors(base)
@@ -174,7 +174,7 @@ def check_merged_weights(merged, base: str, factors: dict[str, tuple[Any, Any, f
                     "error": f"shape {tuple(got.shape)} != {tuple(expected.shape)}"}
         allowed = eps * (expected.abs() + delta.abs()) + 1e-12
         ratio = ((got - expected).abs() / allowed).max().item()
-        delta_ratio = max(delta_ratio, (delta.abs() / (eps * expected.abs() + 1e-12)).max().item())
+        delta_ratio = max(delta_ratio, (delta.norm() / (eps * expected.norm() + 1e-12)).item())
         if ratio > worst_ratio:
             worst_ratio, worst = ratio, key
         checked += 1
