@@ -86,30 +86,47 @@ def _tokenizer(out: Path) -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.save_pretrained(out)
-    phi3_rstrip(out)
+    match_phi35_tokenizer(out)
 
 
-# Phi-3's released tokenizer.json marks its chat tokens rstrip=true (whitespace after <|user|>, <|end|> ... is
-# swallowed), except <unk>, <s> and <|endoftext|>; llama.cpp applies the same rule to any model named phi3.
-# transformers' GGUF loader does not carry these flags, so set them, or the stand-in would tokenize chat
-# prompts unlike both the real tokenizer and llama.cpp.
+# What transformers' GGUF loader does not carry over from Phi-3.5-mini-instruct's own tokenizer files:
+# - its chat tokens are rstrip=true (whitespace after <|user|>, <|end|> ... is swallowed), except <unk>, <s>
+#   and <|endoftext|>; llama.cpp applies the same rule to any model named phi3;
+# - add_bos_token is false: the chat template carries no <s>, and neither HF nor llama.cpp adds one.
+# Without these the stand-in would tokenize chat prompts unlike both the real tokenizer and llama.cpp.
 PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 
 
-def phi3_rstrip(out: Path) -> bool:
-    """Set Phi-3's rstrip flags in out/tokenizer.json (idempotent); True if the file changed."""
-    path = Path(out) / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
+def match_phi35_tokenizer(out: Path) -> bool:
+    """Set Phi-3.5's rstrip flags and add_bos_token=false in `out` (idempotent); True if a file changed."""
+    out = Path(out)
     changed = False
+    path = out / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
     for tok in data.get("added_tokens", []):
         want = tok["content"] not in PHI3_NO_RSTRIP and (tok.get("special") or tok["content"] == "</s>")
         if bool(tok.get("rstrip")) != want:
             tok["rstrip"], changed = want, True
-    if changed:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+    post = data.get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing" and any("SpecialToken" in p for p in post.get("single", [])):
+        post["single"] = [p for p in post["single"] if "SpecialToken" not in p]
+        post["pair"] = [p for p in post.get("pair", []) if "SpecialToken" not in p]
+        post["special_tokens"] = {}
+        changed = True
+    cfg_path = out / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("add_bos_token") is not False or cfg.get("add_eos_token") is not False:
+        cfg["add_bos_token"], cfg["add_eos_token"] = False, False
+        _write_json(cfg_path, cfg)
+        changed = True
+    _write_json(path, data)
     return changed
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_sentencepiece_model(out: Path) -> Path:
@@ -157,7 +174,7 @@ def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
     if (out / ".complete").is_file():
         if not (out / "tokenizer.model").is_file():  # folders built before it was added
             write_sentencepiece_model(out)
-        phi3_rstrip(out)  # folders built before the flags were set
+        match_phi35_tokenizer(out)  # folders built before the flags were set
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

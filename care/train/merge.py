@@ -166,19 +166,25 @@ def check_merged_weights(merged, base: str, factors: dict[str, tuple[Any, Any, f
         key = f"{name}.weight"
         if key not in where or key not in params:
             return {"checked": checked, "skipped": f"{key} not found in the base checkpoint or merged model"}
-        delta = scaling * (b @ a)
-        expected = get(key).float() + delta
-        got = params[key].detach().float()
-        if got.shape != expected.shape:
+        got_all = params[key].detach()
+        base_all = get(key)
+        if got_all.shape != base_all.shape or b.shape[0] != got_all.shape[0]:
             return {"checked": checked, "max_ratio": float("inf"), "worst": key,
-                    "error": f"shape {tuple(got.shape)} != {tuple(expected.shape)}"}
-        allowed = eps * (expected.abs() + delta.abs()) + 1e-12
-        ratio = ((got - expected).abs() / allowed).max().item()
-        delta_ratio = max(delta_ratio, (delta.norm() / (eps * expected.norm() + 1e-12)).item())
+                    "error": f"shape {tuple(got_all.shape)} != {tuple(base_all.shape)}"}
+        ratio = delta_sq = weight_sq = 0.0
+        for r0 in range(0, got_all.shape[0], 1024):  # row blocks: a few MB at a time, not 1 GB for gate_up
+            delta = scaling * (b[r0:r0 + 1024] @ a)
+            expected = base_all[r0:r0 + 1024].float() + delta
+            err = (got_all[r0:r0 + 1024].float() - expected).abs()
+            allowed = eps * (expected.abs() + delta.abs()) + 1e-12
+            ratio = max(ratio, (err / allowed).max().item())
+            delta_sq += float(delta.pow(2).sum())
+            weight_sq += float(expected.pow(2).sum())
+        delta_ratio = max(delta_ratio, delta_sq ** 0.5 / (eps * weight_sq ** 0.5 + 1e-12))
         if ratio > worst_ratio:
             worst_ratio, worst = ratio, key
         checked += 1
-        del delta, expected, got, allowed
+        del base_all
     return {"checked": checked, "max_ratio": worst_ratio, "worst": worst, "delta_to_rounding": delta_ratio}
 
 
@@ -251,8 +257,10 @@ def merge_adapter(adapter_dir: str | Path, out_dir: str | Path, method: str = "r
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    from care.train.lowmem import large_allocations_via_mmap
     from care.train.modeling import load_model
 
+    large_allocations_via_mmap()
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if method not in ("reload", "dequantize", "both"):
         raise InvalidModelError(f"Unknown merge method {method!r}", hint="Use reload, dequantize or both")
