@@ -12,7 +12,8 @@ Stages and targets (issue 15):
   train    `care train`: QLoRA NF4, r=8, all linear layers, gradient checkpointing, batch 1 x 512, 2 steps
            -> peak <= 8 GB
   merge    `care merge` into the 16-bit base -> peak <= 1.3x the f16 size
-  export   `care export gguf --q4_k_m` with verification -> converter peak <= 1.2x the f16 size
+  export   `care export gguf --f16 --q4_k_m` with verification -> converter peak <= 1.2x the f16 size
+  verify32 `care export verify` of the f16 file against an fp32 HF reference (the exact check)
   chat     `care chat --once --profile phone`
 
     nice -n 15 .venv/bin/python bench/full_scale.py --work .cache/full_scale [--threads 2] [--only train,merge]
@@ -162,7 +163,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=str(REPO / ".cache" / "full_scale"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="build,train,merge,export,chat")
+    ap.add_argument("--only", default="build,train,merge,export,verify32,chat")
     ap.add_argument("--out", default=None, help="JSON results (default: WORK/full_scale.json)")
     ap.add_argument("--export-from", choices=("merged", "base"), default="merged",
                     help="export the merged model (default) or the base folder (same shape and size)")
@@ -222,6 +223,21 @@ def main() -> int:
                                                      str(args.threads)], env, work)
         stages["export"]["verify"] = verify_summary(gguf / "verify.json")
         print(f"    verify: {json.dumps(stages['export']['verify'])}", flush=True)
+        save()
+    if "verify32" in only:
+        # The export's own check used the bf16 checkpoint as its reference (1x the model in RAM); here the f16
+        # file against an fp32 reference (2x: 15.3 GB), the only reference exact enough for f16's limits.
+        f16_file = next(iter(sorted(gguf.glob("*-f16.gguf"))), gguf / "missing-f16.gguf")
+        source = merged if args.export_from == "merged" else base
+        stages["verify32"] = run_stage("verify32", py + ["-m", "care", "export", "verify", str(f16_file), "--source",
+                                                         str(source), "--hf-dtype", "float32", "--threads",
+                                                         str(args.threads), "--report",
+                                                         str(gguf / "verify_f16_fp32.json")], env, work)
+        stages["verify32"]["verify"] = {k: v for k, v in json.loads(
+            (gguf / "verify_f16_fp32.json").read_text()).get("files", {}).get("f16", {}).items()
+            if k in ("passed", "kl_mean", "kl_max", "top1_agreement", "failures")} \
+            if (gguf / "verify_f16_fp32.json").is_file() else {}
+        print(f"    verify f16 vs fp32: {json.dumps(stages['verify32']['verify'])}", flush=True)
         save()
     if "chat" in only:
         model = next(iter(sorted(gguf.glob("*q4_k_m*.gguf"))), gguf)

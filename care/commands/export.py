@@ -12,6 +12,9 @@ GGUF_TYPES = ("q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32", 
               "q5_k_s", "q5_0")
 
 
+HF_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from care.runtime.profiles import PROFILES
 
@@ -39,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     im.add_argument("--imatrix-chunks", type=int, default=None, metavar="N",
                     help="at most N chunks of 512 tokens for the matrix (default 32)")
     g.add_argument("--no-verify", action="store_true", help="skip verification against the source model")
+    g.add_argument("--hf-dtype", choices=HF_DTYPES, default="auto", help="dtype of the HF reference logits (auto: the checkpoint's own, bf16 for Phi-3.5: ~1x its size "
+                   "in RAM; float32 needs 2x but is the only exact reference for an f16 file)")
     g.add_argument("--name", default=None, help="model name stored in the GGUF (default: the folder name)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads for quantize/verify")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -84,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("--source", required=True, help="the Hugging Face model folder it was exported from")
     v.add_argument("--n-ctx", type=int, default=2048, help="context for the check (at most 4096)")
     v.add_argument("--threads", type=int, default=None)
+    v.add_argument("--hf-dtype", choices=HF_DTYPES, default="auto", help="dtype of the HF reference logits (auto: the checkpoint's own, bf16 for Phi-3.5: ~1x its size "
+                   "in RAM; float32 needs 2x but is the only exact reference for an f16 file)")
     v.add_argument("--report", default=None, help="also write the report to this JSON file")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(module_run=run_verify)
@@ -154,7 +161,8 @@ def run_gguf(args: argparse.Namespace) -> int:
             result = export_gguf(args.model_dir, args.out, quants=quants, verify=not args.no_verify,
                                  name=args.name, n_threads=args.threads, progress=progress,
                                  imatrix=args.imatrix, calibration=args.calibration,
-                                 imatrix_chunks=args.imatrix_chunks)
+                                 imatrix_chunks=args.imatrix_chunks,
+                                 verify_kwargs={"hf_dtype": args.hf_dtype} if args.hf_dtype != "auto" else None)
             failed = None
         except VerificationError as exc:
             result = getattr(exc, "result", None)
@@ -281,7 +289,8 @@ def _print_onnx(result) -> None:
 def run_verify(args: argparse.Namespace) -> int:
     from care.export.verify import verify_gguf
 
-    report = verify_gguf(args.file, args.source, n_ctx=args.n_ctx, n_threads=args.threads, fail=False)
+    report = verify_gguf(args.file, args.source, n_ctx=args.n_ctx, n_threads=args.threads, fail=False,
+                         hf_dtype=args.hf_dtype)
     if args.report:
         from care.io import write_json
 
