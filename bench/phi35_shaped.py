@@ -92,7 +92,8 @@ def _tokenizer(out: Path) -> None:
 # What transformers' GGUF loader does not carry over from Phi-3.5-mini-instruct's own tokenizer files:
 # - its chat tokens are rstrip=true (whitespace after <|user|>, <|end|> ... is swallowed), except <unk>, <s>
 #   and <|endoftext|>; llama.cpp applies the same rule to any model named phi3;
-# - add_bos_token is false: the chat template carries no <s>, and neither HF nor llama.cpp adds one.
+# - no <s> is added: the chat template carries none, so HF's apply_chat_template sends none, and a GGUF saying
+#   add_bos=true would make llama.cpp serve a token training never saw (export verification catches that).
 # Without these the stand-in would tokenize chat prompts unlike both the real tokenizer and llama.cpp.
 PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 
