@@ -47,6 +47,12 @@ def test_cli_gguf_end_to_end(tiny_llama, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "q4_0" in table and "pass" in table
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
+    # --hf-dtype reaches the reference; a float file judged against a 16-bit reference says so when it fails.
+    main(["export", "verify", printed["files"]["f16"], "--source", str(tiny_llama), "--threads", "1",
+          "--hf-dtype", "bfloat16", "--report", str(tmp_path / "b.json")])
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["hf_dtype"] == "bfloat16"
+    assert all("--hf-dtype float32" in f for f in report["files"]["f16"]["failures"])
 
 
 def test_cli_adapter_folder_one_line_error(tmp_path, capsys):
