@@ -101,9 +101,9 @@ PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 def match_phi35_tokenizer(out: Path) -> bool:
     """Set Phi-3.5's rstrip flags and add_bos_token=false in `out` (idempotent); True if a file changed."""
     out = Path(out)
-    changed = False
     path = out / "tokenizer.json"
     data = json.loads(path.read_text(encoding="utf-8"))
+    changed = False
     for tok in data.get("added_tokens", []):
         want = tok["content"] not in PHI3_NO_RSTRIP and (tok.get("special") or tok["content"] == "</s>")
         if bool(tok.get("rstrip")) != want:
@@ -114,13 +114,14 @@ def match_phi35_tokenizer(out: Path) -> bool:
         post["pair"] = [p for p in post.get("pair", []) if "SpecialToken" not in p]
         post["special_tokens"] = {}
         changed = True
+    if changed:
+        _write_json(path, data)
     cfg_path = out / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     if cfg.get("add_bos_token") is not False or cfg.get("add_eos_token") is not False:
         cfg["add_bos_token"], cfg["add_eos_token"] = False, False
         _write_json(cfg_path, cfg)
         changed = True
-    _write_json(path, data)
     return changed
 
 

@@ -22,36 +22,27 @@ pytestmark = pytest.mark.skipif(shutil.which("sha256sum") is None, reason="needs
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def fake_bundle(folder: Path, *, python: str = PY, platform_: str | None = None, install_kb: int = 1) -> Path:
-    folder.mkdir()
-    (folder / "wheels").mkdir()
-    (folder / "wheels" / "pip-0-py3-none-any.whl").write_bytes(b"not really a wheel")
-    (folder / "models").mkdir()
-    (folder / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(100))
+def _fake_common(folder: Path, payload: dict[str, bytes], env: str) -> Path:
+    """The files every bundle has (real installer template, model, manifest) plus `payload`."""
+    for rel, data in {**payload, "models/m.gguf": b"GGUF" + bytes(100), "start.sh": b"#!/bin/sh\n",
+                      "bundle.json": b"{}\n", "bundle.env": env.encode()}.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
     (folder / "install.sh").write_text(bundle._template("install.sh"))
     (folder / "install.sh").chmod(0o755)
-    (folder / "start.sh").write_text("#!/bin/sh\n")
-    (folder / "bundle.json").write_text("{}\n")
-    (folder / "bundle.env").write_text(f"BUNDLE_PLATFORM={platform_ or bundle.host_platform()}\n"
-                                       f"BUNDLE_PYTHON={python}\nBUNDLE_INSTALL_KB={install_kb}\n")
     bundle._manifest(folder)
     return folder
+
+
+def fake_bundle(folder: Path, *, python: str = PY, platform_: str | None = None, install_kb: int = 1) -> Path:
+    return _fake_common(folder, {"wheels/pip-0-py3-none-any.whl": b"not really a wheel"},
+                        f"BUNDLE_PLATFORM={platform_ or bundle.host_platform()}\n"
+                        f"BUNDLE_PYTHON={python}\nBUNDLE_INSTALL_KB={install_kb}\n")
 
 
 def fake_arm_bundle(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "bin").mkdir()
-    (folder / "bin" / "llama-cli").write_bytes(b"\x7fELF placeholder")
-    (folder / "models").mkdir()
-    (folder / "models" / "m.gguf").write_bytes(b"GGUF" + bytes(100))
-    (folder / "install.sh").write_text(bundle._template("install.sh"))
-    (folder / "install.sh").chmod(0o755)
-    (folder / "start.sh").write_text("#!/bin/sh\n")
-    (folder / "README-ARM.md").write_text("x\n")
-    (folder / "bundle.json").write_text("{}\n")
-    (folder / "bundle.env").write_text("BUNDLE_PLATFORM=linux-aarch64\nBUNDLE_PYTHON=\nBUNDLE_INSTALL_KB=1\n")
-    bundle._manifest(folder)
-    return folder
+    return _fake_common(folder, {"bin/llama-cli": b"\x7fELF placeholder", "README-ARM.md": b"x\n"},
+                        "BUNDLE_PLATFORM=linux-aarch64\nBUNDLE_PYTHON=\nBUNDLE_INSTALL_KB=1\n")
 
 
 def install(folder: Path, prefix: Path, *, cpuinfo: str | None = None, machine: str | None = None

@@ -227,15 +227,13 @@ def chunk_ctx(tokens: int, n_ctx: int = DEFAULT_CTX) -> int:
 # The tools
 
 
-def imatrix_tools(build: bool = True, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
+def imatrix_tools(progress: Callable[[str, int, int], None] | None = None) -> dict[str, Path]:
     """llama-imatrix and llama-quantize, built once (minutes) from the binding's llama.cpp source."""
     from care.toolchain.llamacpp import build_tools, find_tools
 
     found = find_tools(TOOLS)
     if found:
         return found
-    if not build:
-        raise ExportError("llama.cpp's llama-imatrix / llama-quantize are not built", hint=SETUP_HINT)
     log.info("Building llama-imatrix and llama-quantize from llama.cpp's source (once; a few minutes)")
     if progress:
         progress("build llama.cpp tools", 0, 1)

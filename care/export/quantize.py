@@ -158,11 +158,6 @@ def _log_fallbacks(results: dict[str, QuantResult]) -> None:
         make_readable(r.path)
 
 
-def tool_type(quant: str) -> str:
-    """llama-quantize's name of a type: q4_k_m -> Q4_K_M, iq4_xs -> IQ4_XS."""
-    return quant.upper()
-
-
 def quantize_with_tool(
     f16_path: Path,
     targets: dict[str, Path],
@@ -191,8 +186,9 @@ def quantize_with_tool(
         qlog = QuantLog(q, progress)
         t0 = time.perf_counter()
         with atomic_path(target) as tmp:
-            cmd = [tool, *(["--imatrix", imatrix] if imatrix else []), f16_path, tmp, tool_type(q), threads]
-            run_tool(cmd, f"llama-quantize {tool_type(q)}", f16_path, qlog.feed)
+            # llama-quantize names its types in capitals: Q4_K_M, IQ4_XS
+            cmd = [tool, *(["--imatrix", imatrix] if imatrix else []), f16_path, tmp, q.upper(), threads]
+            run_tool(cmd, f"llama-quantize {q.upper()}", f16_path, qlog.feed)
         results[q] = QuantResult(q, target, qlog.fallback, qlog.total, qlog.fallback_types,
                                  round(time.perf_counter() - t0, 3))
     _log_fallbacks(results)

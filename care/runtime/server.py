@@ -212,36 +212,26 @@ def _collect(session: ChatSession, text: str,
     parts: list[str] = []
     last = None
     try:
-        events = list(_events_keeping(session.send(text), notices))
-    except CareError as exc:
+        for event in session.send(text):
+            if isinstance(event, SafetyNotice):
+                notices.append(event)
+                if not json_mode:
+                    parts.append(notice_text(event))
+            elif isinstance(event, ContextNote):
+                log.info("%s", event.message)
+            elif event.finish_reason is None:
+                parts.append(event.text)
+            else:
+                last = event
+    except CareError as exc:  # the engine failed after the notices: the error carries them (see create_app)
         exc.care_notices = tuple(notices)  # type: ignore[attr-defined]
         raise
-    notices.clear()
-    for event in events:
-        if isinstance(event, SafetyNotice):
-            notices.append(event)
-            if not json_mode:
-                parts.append(notice_text(event))
-        elif isinstance(event, ContextNote):
-            log.info("%s", event.message)
-        elif event.finish_reason is None:
-            parts.append(event.text)
-        else:
-            last = event
     content = "".join(parts)
     if json_mode:
         for tail in (session.rules.disclaimer_text(session.languages), session.rules.not_a_doctor_text(session.languages)):
             if tail:
                 content = content.replace("\n\n" + tail, "")
     return notices, content, last
-
-
-def _events_keeping(events: Iterator[Any], notices: list[SafetyNotice]) -> Iterator[Any]:
-    """The events, noting each safety notice as it passes (so an error after it can still carry it)."""
-    for event in events:
-        if isinstance(event, SafetyNotice):
-            notices.append(event)
-        yield event
 
 
 def _finish(last: GenerationResponse | None) -> str:

@@ -189,7 +189,7 @@ def packaged_model(name: str = "model.npz") -> LinearModel | None:
     triage model; the domain model falls back to keyword rules)."""
     path = model_path(name)
     if not path.is_file():
-        log.warning("no triage classifier at %s: lexicon rules only", path)
+        log.info("no classifier at %s (built by make setup)", path)
         return None
     return load_model(path)
 
