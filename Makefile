@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # The build module changed (flags, the binding patch: its cache key changes): build that wheel once, or find it
 # cached, and swap it into the existing venv, without redoing the rest of setup.
-$(WHEEL): care/toolchain/llamacpp.py | $(STAMP)
+$(WHEEL): care/toolchain/llamacpp.py care/toolchain/patches.py | $(STAMP)
 	$(BIN)/python -m care.toolchain.llamacpp wheel --version $(LLAMA_CPP_VERSION) > $@.new
 	$(PIP) install -q --no-deps --force-reinstall "$$(cat $@.new)"
 	mv $@.new $@

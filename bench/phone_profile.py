@@ -30,13 +30,14 @@ from phi35_shaped import PHI35_CONFIG, PHI35_TEMPLATE  # bench/ is on sys.path w
 
 from care.models import embedded_gguf
 from care.paths import cache_dir
+from care.runtime import llama_compat
 from care.runtime.bench import BenchConfig, run_isolated
 from care.runtime.profiles import PROFILES, kv_label, parse_kv_type
 
 
 def quantize(src: Path, dst: Path, ftype: str = "Q4_K_M", threads: int = 2) -> Path:
     """llama.cpp's own quantizer through llama-cpp-python's bindings."""
-    import llama_cpp
+    llama_cpp = llama_compat.load()
 
     if dst.is_file():
         return dst

@@ -21,11 +21,13 @@ import time
 import zipfile
 from pathlib import Path
 
+from care.runtime import llama_compat
+
 
 def child(model: str, tokens: int, threads: int) -> None:
     import re
 
-    import llama_cpp
+    llama_cpp = llama_compat.load()
 
     llm = llama_cpp.Llama(model_path=model, n_ctx=512, n_threads=threads, verbose=False)
     prompt = llm.tokenize(b"Explain how to keep vaccines cold in a rural clinic.", add_bos=True, special=True)

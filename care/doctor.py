@@ -207,7 +207,7 @@ def _system_info_features(lib_stamp: tuple = ()) -> dict[str, bool]:  # noqa: AR
     """The CPU features llama.cpp was compiled to use (its system info line), in a child process: loading the
     library is cheap, and a native build for another CPU that dies on an illegal instruction must not take the
     doctor down with it."""
-    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    code = "from care.runtime import llama_compat; print(llama_compat.load().llama_print_system_info().decode())"
     try:
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -246,6 +246,8 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     # Both probes take a second or so; a process asking twice (tests) reuses them while the library is unchanged.
     stamp = tuple((n, (lib_dir / n).stat().st_mtime_ns) for n in libs) if lib_dir else ()
     out["host_features"] = sorted(k for k, flag in CPU_FLAGS.items() if flag in host)
+    if not cpu_module_section(report, out):
+        return
     try:
         used = _system_info_features(stamp)
     except RuntimeError as exc:
@@ -273,6 +275,27 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
         _problem(report, "llama.cpp", f"llama.cpp leaves {', '.join(unused)} of this CPU unused (slower chat)",
                  "for speed on this machine only: CMAKE_ARGS='-DGGML_NATIVE=ON' pip install --force-reinstall "
                  "--no-cache-dir llama-cpp-python", "info")
+
+
+def cpu_module_section(report: dict[str, Any], out: dict[str, Any]) -> bool:
+    """The CPU module the guard proved to run here (care/runtime/cpu_guard.py), and any it refused; False when
+    none runs (then nothing else of llama.cpp can be checked)."""
+    from care.runtime import cpu_guard
+
+    try:
+        choice = cpu_guard.choose()
+    except cpu_guard.CpuUnsupportedError as exc:
+        out["error"] = exc.message
+        _problem(report, "llama.cpp", exc.message, exc.hint or "", "error")
+        return False
+    out["cpu_module"] = choice.name
+    out["cpu_module_refused"] = choice.refused
+    out["cpu_module_checked"] = sorted(choice.gaps)
+    for refused in choice.refused:
+        _problem(report, "llama.cpp", f"CPU module {refused['variant']} refused on this CPU: {refused['why']}; "
+                 f"using {choice.name}", "nothing to do (chat works); run `python -m care.runtime.cpu_guard --recheck` "
+                 "after updating llama-cpp-python", "info")
+    return True
 
 
 def classify_build(host: set[str], used: set[str], variants: list[str], zmm: int | None = None

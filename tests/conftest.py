@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 REPO = Path(__file__).resolve().parent.parent
 # llama.cpp's converter (care export setup) is fetched once per checkout, not once per test's CARE_HOME.
 os.environ.setdefault("CARE_CONVERTER_DIR", str(REPO / ".cache" / "tests" / "llama.cpp-converter"))
+# The CPU guard's choice and probe models: once per checkout and machine, not once per test's CARE_HOME.
+os.environ.setdefault("CARE_CPU_GUARD_CACHE", str(REPO / ".cache" / "tests" / "cpu-guard"))
 # Cached llama.cpp builds (portable wheel, aarch64 tools): the same folder `make setup` fills.
 os.environ.setdefault("CARE_LLAMA_CPP_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
                                                   / "care" / "llama.cpp"))

@@ -11,10 +11,12 @@ import json
 import re
 import sys
 
+from care.runtime import llama_compat
+
 
 def main() -> int:
     model, n_tokens, prompt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    import llama_cpp
+    llama_cpp = llama_compat.load()
     import numpy as np
 
     llm = llama_cpp.Llama(model_path=model, n_ctx=128, n_batch=64, n_threads=1, verbose=False)

@@ -14,6 +14,7 @@ from tiny_models import make_adapter
 from care.errors import ExportError, ModelNotFoundError, VerificationError
 from care.export.gguf import export_gguf
 from care.export.lora import export_gguf_lora, inspect_adapter, read_lora_gguf
+from care.runtime import llama_compat
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -81,7 +82,7 @@ def test_verified_manifest_and_no_local_paths(llama_lora_export, llama_f16, tiny
 
 
 def _llama_cpp_logits(base_gguf: Path, adapter_gguf: Path | None, ids: list[int]):
-    import llama_cpp
+    llama_cpp = llama_compat.load()
     import numpy as np
 
     llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None,

@@ -9,25 +9,34 @@ from pathlib import Path
 import pytest
 
 from care.errors import DependencyMissingError, ModelNotFoundError
-from care.toolchain import llamacpp
+from care.toolchain import llamacpp, patches
 from care.toolchain.llamacpp import BuildError
 
 
 def test_build_key_changes_with_version_target_and_flags():
-    args, rev = llamacpp.PORTABLE_WHEEL_ARGS, llamacpp._PATCH_REV
+    args, rev = llamacpp.PORTABLE_WHEEL_ARGS, llamacpp.wheel_rev()
     base = llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
     assert base.startswith("0.3.36-wheel-x86_64-portable-")
     assert base == llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev)
     assert base != llamacpp.build_key("0.3.37", "wheel-x86_64-portable", args, rev)
     assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", (*args, "-DX=1"), rev)
-    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, rev + 1)
+    assert base != llamacpp.build_key("0.3.36", "wheel-x86_64-portable", args, [*rev, "x"])
 
 
-def test_the_binding_patch_does_not_change_the_tools_keys(monkeypatch):
-    # a new binding patch rebuilds the wheel (~12 min), never the cross-built tools (~1 h on 2 cores)
+def test_a_patch_rebuilds_only_the_builds_it_applies_to(monkeypatch):
+    # the AMX fix rebuilds the x86 wheel and tools; the cross-built aarch64 tools (~1 h) keep their key, which
+    # is the one they had before patches.py existed (revision 1, no patch)
+    assert llamacpp.tools_rev("linux-aarch64") == 1
     before = {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS}
-    monkeypatch.setattr(llamacpp, "_PATCH_REV", llamacpp._PATCH_REV + 1)
-    assert {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS} == before
+    wheel_before = llamacpp.wheel_rev()
+    fixed = patches.Patch(patches.AMX_TILE_CONFIG.name, patches.AMX_TILE_CONFIG.path, patches.AMX_TILE_CONFIG.anchor,
+                          patches.AMX_TILE_CONFIG.replacement + "// changed\n", x86_only=True)
+    monkeypatch.setattr(patches, "TOOL_PATCHES", (fixed,))
+    monkeypatch.setattr(patches, "WHEEL_PATCHES", (patches.BINDING, fixed))
+    after = {t: llamacpp.tools_dir(t, "0.3.36") for t in llamacpp.TARGETS}
+    assert after["linux-aarch64"] == before["linux-aarch64"]
+    if llamacpp.is_x86("native"):
+        assert after["native"] != before["native"] and llamacpp.wheel_rev() != wheel_before
 
 
 def test_cache_root_honours_env(tmp_path, monkeypatch):
@@ -39,19 +48,88 @@ def test_cache_root_honours_env(tmp_path, monkeypatch):
 def test_binding_patch_inserted_once_and_refuses_unknown_layout(tmp_path):
     pkg = tmp_path / "llama_cpp"
     pkg.mkdir()
-    source = "import ctypes\n" + llamacpp._BINDING_ANCHOR + "ctypes_function = 1\n"
+    anchor = patches.BINDING.anchor
+    source = "import ctypes\n" + anchor + "ctypes_function = 1\n"
     (pkg / "llama_cpp.py").write_text(source)
-    llamacpp._patch_binding(tmp_path)
+    patches.BINDING.apply(tmp_path)
     patched = (pkg / "llama_cpp.py").read_text()
     assert patched.count("ggml_backend_load_all_from_path") == 2
-    assert patched.index(llamacpp._BINDING_ANCHOR) < patched.index("ggml_backend_load_all_from_path")
+    assert patched.index(anchor) < patched.index("ggml_backend_load_all_from_path")
     compile(patched, "llama_cpp.py", "exec")
     # ggml's load messages go to Python logging only while the modules load; then ggml's own logger is back
     assert patched.index("_lib.ggml_log_set(ctypes.cast") < patched.index("_lib.ggml_backend_load_all_from_path(")
     assert "finally:\n        _lib.ggml_log_set(None, None)" in patched
     (pkg / "llama_cpp.py").write_text("import ctypes\n_lib = something_else()\n")
-    with pytest.raises(BuildError, match="load_shared_library"):
-        llamacpp._patch_binding(tmp_path)
+    with pytest.raises(patches.PatchError, match="anchor text") as err:
+        patches.BINDING.apply(tmp_path)
+    assert "llama_cpp.py" in err.value.one_line() and "patches.py" in err.value.one_line()
+
+
+def test_patches_apply_to_the_real_sdist(tmp_path):
+    """Both patches find their anchor in the pinned llama-cpp-python source, and the AMX config becomes a
+    constant object loaded by ldtilecfg (compiled and disassembled where an x86 g++ with AMX is present)."""
+    pinned = (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
+    version = next(ln.split("==")[1].strip() for ln in pinned.splitlines() if ln.startswith("llama-cpp-python=="))
+    sdist = llamacpp.find_cached_sdist(version)
+    if sdist is None:
+        pytest.skip("no cached llama-cpp-python sdist (make setup downloads it)")
+    top = llamacpp.extract_source(sdist, tmp_path / "src")
+    patches.apply_all(top, patches.WHEEL_PATCHES)
+    mmq = (top / patches.AMX_TILE_CONFIG.path).read_text()
+    assert "static const tile_config_t tc" in mmq and "tc.rows[0] = 8;" not in mmq
+    with pytest.raises(patches.PatchError, match="anchor text"):  # applied twice: the anchor is gone
+        patches.AMX_TILE_CONFIG.apply(top)
+    _compile_and_read_tile_config(mmq, tmp_path)
+
+
+_PROBE_MAIN = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+void ggml_tile_config_init(void);
+int main(int argc, char ** argv) {
+    if (argc > 1) {  /* run: only where the CPU has AMX */
+        if (syscall(SYS_arch_prctl, 0x1023, 18)) return 2;
+        ggml_tile_config_init();
+        alignas(64) unsigned char c[64];
+        _tile_storeconfig(c);
+        printf("%d", c[0]);
+        for (int i = 0; i < 8; i++) printf(" %d:%d", c[48 + i], c[16 + 2 * i] | (c[17 + 2 * i] << 8));
+        printf("\n");
+    }
+    return 0;
+}
+"""
+
+
+def _compile_and_read_tile_config(mmq: str, tmp: Path) -> None:
+    """The patched ggml_tile_config_init, cut out of mmq.cpp and compiled at -O3 with AMX on, in a unit of its
+    own (where GCC 12 drops the unpatched function's stores, as it does inside ggml_backend_amx_mul_mat): the
+    config it loads must configure all 8 tiles (rows x colsb of the kernels' 2-2-4 layout)."""
+    import re
+    import shutil
+    import subprocess
+
+    gxx = shutil.which("g++")
+    if gxx is None or not llamacpp.is_x86("native"):
+        return
+    struct = re.search(r"struct tile_config_t\s*\{.*?\n\};", mmq, re.S).group(0)
+    func = re.search(r"inline void ggml_tile_config_init\(void\) \{.*?\n\}\n", mmq, re.S).group(0)
+    func = func.replace("inline void ggml_tile_config_init", "void ggml_tile_config_init", 1)
+    (tmp / "tilecfg.cpp").write_text("#include <immintrin.h>\n#include <stdint.h>\n" + struct + "\n" + func)
+    (tmp / "main.cpp").write_text(_PROBE_MAIN)
+    exe = tmp / "tilecfg"
+    proc = subprocess.run([gxx, "-std=c++17", "-O3", "-mamx-tile", "-mamx-int8", "-mavx512f", str(tmp / "tilecfg.cpp"),
+                           str(tmp / "main.cpp"), "-o", str(exe)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"this g++ cannot build AMX code: {proc.stderr.strip().splitlines()[-1:]}")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if " amx_tile" not in flags:
+        return  # compiled; running ldtilecfg needs an AMX CPU
+    out = subprocess.run([str(exe), "run"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, f"tile config probe died: {out.returncode}"
+    assert out.stdout.split() == ["1", "8:64", "8:64", "16:32", "16:32", "16:64", "16:64", "16:64", "16:64"]
 
 
 def test_sdist_env_must_exist_and_match_version(tmp_path, monkeypatch):

@@ -44,6 +44,10 @@ def format_report(r: dict[str, Any]) -> list[str]:
         lines.append("llama.cpp   llama-cpp-python not installed")
     else:
         lines.append(f"llama.cpp   llama-cpp-python {lc['version']}: {lc.get('build', lc.get('error'))}")
+        if "cpu_module" in lc:
+            refused = "; ".join(f"{r['variant']} refused: {r['why']}" for r in lc["cpu_module_refused"])
+            lines.append(f"  module    {lc['cpu_module']} (checked: {', '.join(lc['cpu_module_checked']) or 'cached'})"
+                         + (f"; {refused}" if refused else ""))
         if "used_features" in lc:
             lines.append(f"  CPU       host has {', '.join(lc['host_features']) or '-'}")
             lines.append(f"            build uses {', '.join(lc['used_features']) or '-'}"

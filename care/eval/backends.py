@@ -17,6 +17,7 @@ from typing import Any
 
 from care.errors import EvalError, InvalidModelError, ModelNotFoundError, require
 from care.io import sha256_file
+from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class GGUFBackend(Backend):
 
         super().__init__(check_gguf(Path(path)), label or Path(path).stem)
         require("llama_cpp", "runtime")
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         self.threads = threads or eval_threads()
         self.n_ctx = n_ctx
@@ -222,7 +223,7 @@ class GGUFBackend(Backend):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def _last_logprobs(self):
-        import llama_cpp
+        llama_cpp = llama_compat.load()
         import numpy as np
 
         ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)  # noqa: SLF001 - no public accessor

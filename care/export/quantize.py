@@ -21,6 +21,7 @@ from pathlib import Path
 
 from care.errors import ExportError, UsageError
 from care.io import atomic_path, check_free_space
+from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def _worker(f16_path: str, jobs_json: str, n_threads: str) -> int:
     """Subprocess body: quantize each job, printing markers the parent parses."""
     import time
 
-    import llama_cpp
+    llama_cpp = llama_compat.load()
 
     for job in json.loads(jobs_json):
         _emit(f"CARE-QUANT-START {job['quant']}")
@@ -244,8 +245,8 @@ class _CaptureFallback:
     """Reads llama.cpp's 'N of M tensor(s) required fallback quantization' line from the log callback."""
 
     def __enter__(self):
-        import llama_cpp
-        from llama_cpp import _logger
+        llama_cpp = llama_compat.load()
+        _logger = llama_cpp._logger
 
         self.qlog = QuantLog("")
         outer = self
@@ -267,7 +268,7 @@ class _CaptureFallback:
     def __exit__(self, *exc):
         import ctypes
 
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         llama_cpp.llama_log_set(self._restore, ctypes.c_void_p(0))
         return False

@@ -29,6 +29,7 @@ from typing import Any
 
 from care.errors import InvalidModelError, VerificationError
 from care.models import check_gguf
+from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def _worker(job_path: str) -> int:
 
     job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     workdir = Path(job_path).parent
-    import llama_cpp
+    llama_cpp = llama_compat.load()
 
     from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import InvalidModelError, ModelNotFoundError, UsageError
+from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class AdapterSet:
     """GGUF LoRA adapters loaded on one llama-cpp-python `Llama`; `apply()` makes a set of them active."""
 
     def __init__(self, llm: Any, adapters: dict[str, str | os.PathLike[str]]) -> None:
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         self._lib = llama_cpp
         self.llm = llm

@@ -20,6 +20,7 @@ from typing import Any
 
 from care.errors import GenerationError, InvalidModelError, require
 from care.models import check_gguf
+from care.runtime import llama_compat
 from care.runtime.backend import (  # re-exported: the names front ends imported from here before
     ContextBudget,
     EngineConfig,
@@ -78,7 +79,7 @@ class ChatEngine(ContextBudget):
 
     def __init__(self, model_path: str | os.PathLike[str], config: EngineConfig | None = None) -> None:
         require("llama_cpp", "runtime")
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         self.path = check_gguf(Path(model_path))
         self.config = config or EngineConfig()
@@ -181,7 +182,7 @@ class ChatEngine(ContextBudget):
 
         llama-cpp-python re-detokenizes the whole reply at every token to look for stop strings, which
         cost ~6% of decode speed here; a string that is one EOG token of the vocabulary needs no such check."""
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         out = []
         for text in self.stop_strings:
@@ -205,7 +206,7 @@ class ChatEngine(ContextBudget):
         return template
 
     def _make_formatter(self):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+        Jinja2ChatFormatter = llama_compat.submodule("llama_chat_format").Jinja2ChatFormatter
 
         return Jinja2ChatFormatter(
             template=self.template,
@@ -378,7 +379,7 @@ def _model_params(repack: bool | None) -> Iterator[None]:
     if repack is None:
         yield
         return
-    import llama_cpp.llama_cpp as lib
+    lib = llama_compat.submodule("llama_cpp")
 
     with _PARAMS_LOCK:
         original = lib.llama_model_default_params
@@ -397,7 +398,8 @@ def _model_params(repack: bool | None) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=32)
 def _grammar_for(schema_json: str) -> Any:
-    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+    grammar = llama_compat.submodule("llama_grammar")
+    JSON_GBNF, LlamaGrammar = grammar.JSON_GBNF, grammar.LlamaGrammar
 
     try:
         if schema_json == "{}":  # json_object: any JSON object
@@ -420,7 +422,7 @@ def _raise(message: str) -> None:
 
 
 def _ggml_type(name: str) -> int:
-    import llama_cpp
+    llama_cpp = llama_compat.load()
 
     attr = f"GGML_TYPE_{name.upper()}"
     if not hasattr(llama_cpp, attr):

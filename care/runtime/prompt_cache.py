@@ -29,6 +29,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from care.runtime import llama_compat
+
 if TYPE_CHECKING:
     from care.runtime.backend import Message
     from care.runtime.engine import ChatEngine
@@ -148,7 +150,7 @@ class PromptCache:
 
     def key_base(self) -> dict[str, Any]:
         if self._key_base is None:
-            import llama_cpp
+            llama_cpp = llama_compat.load()
 
             cfg = self.engine.config
             lora = None
@@ -211,7 +213,7 @@ class PromptCache:
         return len(prefix)
 
     def _load(self, payload: bytes, tokens: list[int]) -> bool:
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         llm = self.engine.llm
         llm.reset()
@@ -227,7 +229,7 @@ class PromptCache:
         return True
 
     def _save(self, path: Path, key: dict[str, Any], tokens: list[int]) -> None:
-        import llama_cpp
+        llama_cpp = llama_compat.load()
 
         ctx = self.engine.llm._ctx.ctx  # noqa: SLF001
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)

@@ -7,8 +7,8 @@ Everything builds from the llama.cpp source inside the llama-cpp-python sdist of
   ggml's CPU kernels become one module per CPU family (libggml-cpu-haswell.so, -skylakex.so, ...) and ggml
   scores them against CPUID at load time, so one wheel runs on any x86-64 CPU and still uses AVX-512 where
   there is one. llama-cpp-python 0.3.36 does not find those modules by itself (llama_backend_init() only
-  searches the executable's folder and the cwd), so the build adds three lines to llama_cpp/llama_cpp.py
-  that load them from the package's lib folder (see `_BINDING_PATCH`).
+  searches the executable's folder and the cwd), so the build patches llama_cpp/llama_cpp.py to load them
+  from the package's lib folder, and ggml's AMX tile config (the SIGILL of issue 22): care/toolchain/patches.py.
 - `build_tools(["llama-server"])`: llama.cpp's CLI tools, static, for this machine ("native") or for
   "linux-aarch64" (cross-compiled with Debian's gcc-aarch64-linux-gnu, ARMv8.2-A + dotprod + fp16).
 
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from care.errors import CareError, DependencyMissingError, ExportError, ModelNotFoundError
 from care.io import check_free_space
+from care.toolchain import patches
 
 log = logging.getLogger(__name__)
 
@@ -59,33 +60,6 @@ PORTABLE_WHEEL_ARGS = (
     "-DCMAKE_INSTALL_BINDIR=llama_cpp/lib",
 )
 
-# Appended after `_lib = load_shared_library(...)` in llama_cpp/llama_cpp.py. Bump _PATCH_REV on change.
-_BINDING_ANCHOR = "_lib = load_shared_library(_lib_base_name, _base_path)\n"
-_BINDING_PATCH = '''
-# care portable build: ggml's CPU kernels are per-CPU-family modules (libggml-cpu-<variant>.so) next to this
-# library; llama_backend_init() only searches the executable's folder and the cwd, so load them from here.
-# ggml reports the module it picks ("load_backend: loaded CPU backend from ...") at INFO, straight to stderr:
-# route that through the "llama-cpp-python" logger while loading, so it shows only where logging asks for INFO
-# (`care -v`), then give ggml its default logger back (llama-cpp-python sets its own on import).
-if not _lib.ggml_backend_reg_count() and any(_base_path.glob("libggml-cpu-*.so")):
-    import logging as _care_logging
-
-    def _care_ggml_log(level, text, _user):
-        _care_logging.getLogger("llama-cpp-python").log(
-            {1: _care_logging.DEBUG, 3: _care_logging.WARNING, 4: _care_logging.ERROR}.get(level, _care_logging.INFO),
-            "%s", (text or b"").decode("utf-8", "replace").rstrip("\\n"))
-
-    _care_log_cb = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(_care_ggml_log)
-    _lib.ggml_log_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    _lib.ggml_log_set(ctypes.cast(_care_log_cb, ctypes.c_void_p), None)
-    try:
-        _lib.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        _lib.ggml_backend_load_all_from_path(str(_base_path).encode())
-    finally:
-        _lib.ggml_log_set(None, None)
-    del _care_log_cb, _care_ggml_log, _care_logging
-'''
-_PATCH_REV = 2
 
 # Tools: llama.cpp CMake target -> what it is for.
 TOOLS = {
@@ -111,8 +85,12 @@ _TOOL_COMMON = (
 # since 2018, Raspberry Pi 5). dotprod is what llama.cpp's Q4_0 repacking for ARM needs; i8mm (ARMv8.6,
 # Cortex-A710+) is left out on purpose, it would SIGILL on a Pi 5 or a 2019-2021 phone.
 ARM_ARCH = "armv8.2-a+dotprod+fp16"
+# CARE_NATIVE_NO_AMX=1: native tools without ggml's AMX kernels (a fallback should another AMX bug appear;
+# the wheel has its own run-time fallback, care/runtime/cpu_guard.py).
+_NO_AMX = ("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+           "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16") if os.environ.get("CARE_NATIVE_NO_AMX") else ()
 TARGETS: dict[str, dict[str, object]] = {
-    "native": {"args": ("-DGGML_NATIVE=ON",), "compilers": ("gcc", "g++"), "static": False},
+    "native": {"args": ("-DGGML_NATIVE=ON", *_NO_AMX), "compilers": ("gcc", "g++"), "static": False},
     "linux-aarch64": {
         "args": (
             "-DCMAKE_SYSTEM_NAME=Linux",
@@ -161,15 +139,31 @@ def resolve_version(version: str | None = None) -> str:
                          hint="Pass the version, e.g. --version 0.3.36 (see constraints.txt)") from exc
 
 
-# Bump when the tools' recipe changes in a way their CMake args do not show. (Hashed under the same "patch"
-# field as the wheel's _PATCH_REV, which the tools never had: so the binding patch no longer changes their keys
-# and the cached tools, an hour to cross-build on 2 cores, stay valid.)
+# Bump when the tools' recipe changes in a way their CMake args do not show. The source patches that apply to a
+# target are hashed in too (patches.fingerprint): the AMX fix rebuilds x86 tools and the wheel, and leaves the
+# cached aarch64 tools (an hour to cross-build on 2 cores) valid, since no patch applies to them.
 _TOOLS_REV = 1
+_WHEEL_REV = 2  # the binding patch's own history before patches.py (revisions 1-2)
 
 
-def build_key(version: str, target: str, args: Sequence[str], rev: int) -> str:
+def is_x86(target: str) -> bool:
+    if target == "linux-aarch64":
+        return False
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def wheel_rev() -> object:
+    return [_WHEEL_REV, patches.fingerprint(patches.applicable(patches.WHEEL_PATCHES, is_x86("native")))]
+
+
+def tools_rev(target: str) -> object:
+    applied = patches.applicable(patches.TOOL_PATCHES, is_x86(target))
+    return [_TOOLS_REV, patches.fingerprint(applied)] if applied else _TOOLS_REV
+
+
+def build_key(version: str, target: str, args: Sequence[str], rev: object) -> str:
     """Folder name of one build: version, target and a hash of everything that changes the binaries (the
-    CMake args and `rev`: _PATCH_REV for the wheel, _TOOLS_REV for the tools)."""
+    CMake args and `rev`: wheel_rev() for the wheel, tools_rev(target) for the tools)."""
     flags = json.dumps({"args": list(args), "patch": rev}, sort_keys=True)
     return f"{version}-{target}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
@@ -242,6 +236,14 @@ def fetch_sdist(version: str | None = None) -> Path:
     return cached
 
 
+def find_cached_sdist(version: str | None = None) -> Path | None:
+    """The sdist of `version` in $CARE_LLAMA_CPP_SDIST or the cache, or None (never downloads)."""
+    version = resolve_version(version)
+    env = os.environ.get(SDIST_ENV)
+    cached = Path(env).expanduser() if env else cache_root() / "sdist" / f"llama_cpp_python-{version}.tar.gz"
+    return cached if cached.is_file() else None
+
+
 def download_sdist(version: str, dest: Path, *, hint: str) -> Path:
     """pip-download the llama-cpp-python `version` sdist into `dest` (also what `care export setup` uses)."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
@@ -255,7 +257,7 @@ def download_sdist(version: str, dest: Path, *, hint: str) -> Path:
     return files[0]
 
 
-def _extract_source(sdist: Path, dest: Path) -> Path:
+def extract_source(sdist: Path, dest: Path) -> Path:
     """Unpack the whole sdist into `dest`; return its top folder (llama_cpp_python-<version>)."""
     with tarfile.open(sdist) as tar:
         try:
@@ -267,16 +269,6 @@ def _extract_source(sdist: Path, dest: Path) -> Path:
         raise BuildError("The sdist holds no vendor/llama.cpp source", path=sdist,
                          hint="Use a llama-cpp-python >= 0.3 sdist from PyPI")
     return tops[0]
-
-
-def _patch_binding(src: Path) -> None:
-    path = src / "llama_cpp" / "llama_cpp.py"
-    text = path.read_text(encoding="utf-8")
-    if text.count(_BINDING_ANCHOR) != 1:
-        raise BuildError("This llama-cpp-python has no `_lib = load_shared_library(...)` line to hook the "
-                         "CPU-variant loader after", path=path,
-                         hint="Update _BINDING_ANCHOR in care/toolchain/llamacpp.py for this version")
-    path.write_text(text.replace(_BINDING_ANCHOR, _BINDING_ANCHOR + _BINDING_PATCH), encoding="utf-8")
 
 
 def _run(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
@@ -313,7 +305,7 @@ def wheel_target() -> str:
 def find_wheel(version: str | None = None) -> Path | None:
     """The cached portable wheel for `version`, or None (never builds)."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, wheel_rev())
     try:
         info = json.loads((folder / "build.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -325,7 +317,7 @@ def find_wheel(version: str | None = None) -> Path | None:
 def build_wheel(version: str | None = None, *, force: bool = False) -> Path:
     """Build (or reuse) the portable llama-cpp-python wheel; return its path."""
     version = resolve_version(version)
-    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, _PATCH_REV)
+    folder = cache_root() / build_key(version, wheel_target(), PORTABLE_WHEEL_ARGS, wheel_rev())
     with _locked(folder.with_name(folder.name + ".lock")):
         found = None if force else find_wheel(version)
         if found:
@@ -335,8 +327,8 @@ def build_wheel(version: str | None = None, *, force: bool = False) -> Path:
         started = time.monotonic()
         with _staging(folder) as tmp:
             log_path = tmp / "build.log"
-            src = _extract_source(sdist, tmp / "src")
-            _patch_binding(src)
+            src = extract_source(sdist, tmp / "src")
+            patches.apply_all(src, patches.applicable(patches.WHEEL_PATCHES, is_x86("native")))
             env = {**os.environ, "CMAKE_ARGS": " ".join(PORTABLE_WHEEL_ARGS),
                    "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs())}
             log.info("Building the portable llama-cpp-python %s wheel (all CPU variants; 10-25 min on 2 cores, "
@@ -385,7 +377,7 @@ def tools_dir(target: str = "native", version: str | None = None) -> Path:
     if target not in TARGETS:
         raise BuildError(f"Unknown build target '{target}'", hint=f"Use one of: {', '.join(TARGETS)}")
     args = (*_TOOL_COMMON, *TARGETS[target]["args"])  # type: ignore[misc]
-    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args, _TOOLS_REV)
+    return cache_root() / build_key(resolve_version(version), f"tools-{target}", args, tools_rev(target))
 
 
 def _moved_tree(tree: Path) -> bool:
@@ -421,6 +413,8 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
     version = resolve_version(version)
     folder = tools_dir(target, version)
     spec = TARGETS[target]
+    if target == "native" and "llama-simple" not in names:
+        names = [*names, "llama-simple"]  # the post-build check runs it (check_tools)
     args = (*_TOOL_COMMON, *spec["args"])  # type: ignore[misc]
     with _locked(folder.with_name(folder.name + ".lock")):
         found = None if force else find_tools(names, target, version)
@@ -433,7 +427,8 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
         if not (src / ".care-complete").is_file():
             sdist = fetch_sdist(version)
             with _staging(src) as tmp:
-                top = _extract_source(sdist, tmp / "x")
+                top = extract_source(sdist, tmp / "x")
+                patches.apply_all(top, patches.applicable(patches.TOOL_PATCHES, is_x86(target)))
                 os.replace(top / "vendor" / "llama.cpp", tmp / "llama.cpp")
                 shutil.rmtree(tmp / "x")
                 (tmp / ".care-complete").write_text(sdist.name + "\n", encoding="utf-8")
@@ -460,11 +455,36 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
             os.chmod(tmpf.name, 0o755)
             os.replace(tmpf.name, out / name)
             paths[name] = out / name
+        if target == "native":
+            check_tools(folder, paths)
         times = folder / "build-times.json"
         record = json.loads(times.read_text()) if times.is_file() else {}
         record[",".join(names)] = round(time.monotonic() - started, 1)
         times.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         return paths
+
+
+def check_tools(folder: Path, paths: dict[str, Path]) -> None:
+    """Once after a native build: llama-simple (same static ggml as llama-server, -imatrix, -quantize) runs a
+    prefill and a few decode steps of the CPU guard's tiny model in each shipped quant type. A kernel that
+    dies on this CPU (issue 22: SIGILL in the AMX tiles) fails the build here, not in a clinic."""
+    simple = paths.get("llama-simple") or folder / "bin" / "llama-simple"
+    probe = folder / "probe"
+    made = subprocess.run([sys.executable, "-m", "care.runtime.cpu_probe", "models", "--out", str(probe)],
+                          capture_output=True, text=True)
+    if made.returncode != 0:  # llama-cpp-python (which quantises the probe models) is not installed yet
+        log.info("tools check skipped: no probe models (%s)", (made.stderr.strip().splitlines() or ["?"])[-1])
+        return
+    models = json.loads(made.stdout.strip().splitlines()[-1])
+    for qtype, model in models.items():
+        proc = subprocess.run([str(simple), "-m", model, "-n", "4", "The clinic opens at eight; bring the card."],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            died = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+            raise BuildError(f"The llama.cpp tools built here die on this CPU ({died} running a {qtype} model)",
+                             path=folder, hint="Report it with `care doctor`; CARE_NATIVE_NO_AMX=1 make tools builds "
+                             "them without the AMX kernels")
+    log.info("tools checked on this CPU: %s", ", ".join(models))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -101,4 +101,10 @@ if [ -f "$PREFIX/app/config/safety.yaml" ]; then
   cp "$PREFIX/app/config/safety.yaml" "$dest"
 fi
 ln -sf app/start.sh "$PREFIX/start.sh"
+if [ -n "$BUNDLE_PYTHON" ]; then
+  # Once, here: which llama.cpp CPU module runs on this CPU (a child process proves it; a module that dies is
+  # left out). Cached in home/, so every chat starts straight away.
+  CARE_HOME="$PREFIX/home" "$PREFIX/app/venv/bin/python" -m care.runtime.cpu_guard \
+    || fail "llama.cpp cannot run on this CPU (see the line above). The files are installed in $PREFIX/app; send this message to whoever made the bundle."
+fi
 echo "Done. Start the assistant with: $PREFIX/start.sh"
