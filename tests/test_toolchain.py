@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from care.errors import DependencyMissingError, ModelNotFoundError
-from care.toolchain import llamacpp, patches
-from care.toolchain.llamacpp import BuildError
+from care.toolchain import llamacpp
+from care.toolchain.llamacpp import BuildError, patches
 
 
 def test_build_key_changes_with_version_target_and_flags():
@@ -164,10 +164,10 @@ def test_unknown_tool_and_target(tmp_path, monkeypatch):
 def test_failed_step_names_the_log_and_the_error(tmp_path):
     log = tmp_path / "build.log"
     with pytest.raises(BuildError) as err:
-        llamacpp._run(["sh", "-c", "echo compiling; echo 'foo.c:1: error: boom' ; exit 3"], log)
+        llamacpp.run_step(["sh", "-c", "echo compiling; echo 'foo.c:1: error: boom' ; exit 3"], log)
     assert "error: boom" in err.value.one_line() and str(log) in err.value.one_line()
     with pytest.raises(BuildError, match="Disk full"):
-        llamacpp._run(["sh", "-c", "echo 'write: No space left on device'; exit 1"], log)
+        llamacpp.run_step(["sh", "-c", "echo 'write: No space left on device'; exit 1"], log)
 
 
 def test_cpu_variants_read_from_the_wheel(tmp_path):
@@ -183,11 +183,11 @@ def test_cpu_variants_read_from_the_wheel(tmp_path):
 def test_a_moved_cmake_tree_is_detected(tmp_path):
     tree = tmp_path / "cache" / "tree"
     tree.mkdir(parents=True)
-    assert not llamacpp._moved_tree(tree)  # not configured yet
+    assert not llamacpp.moved_tree(tree)  # not configured yet
     (tree / "CMakeCache.txt").write_text(f"# comment\nCMAKE_CACHEFILE_DIR:INTERNAL={tree}\nX:BOOL=ON\n")
-    assert not llamacpp._moved_tree(tree)
+    assert not llamacpp.moved_tree(tree)
     (tmp_path / "link").symlink_to(tmp_path / "cache")  # the same folder by another name is not a move
     (tree / "CMakeCache.txt").write_text(f"CMAKE_CACHEFILE_DIR:INTERNAL={tmp_path / 'link' / 'tree'}\n")
-    assert not llamacpp._moved_tree(tree)
+    assert not llamacpp.moved_tree(tree)
     (tree / "CMakeCache.txt").write_text("CMAKE_CACHEFILE_DIR:INTERNAL=/work/build/.cache/llama.cpp/x/tree\n")
-    assert llamacpp._moved_tree(tree)
+    assert llamacpp.moved_tree(tree)

@@ -1,4 +1,4 @@
-"""The source patches the one build module (care/toolchain/llamacpp.py) applies to llama-cpp-python's sdist.
+"""The source patches the one build module (care/toolchain/llamacpp/) applies to llama-cpp-python's sdist.
 
 Each patch names its anchor text; a version whose source lacks it fails the build in one line naming the
 file and this module, never silently. Standard library only (`make setup` runs before care is installed).
