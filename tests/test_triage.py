@@ -1,5 +1,6 @@
-"""The triage layer: normalisation, lexicon context checks, conversation context, clinic overrides, FR/ES,
-`care triage`, and a recall floor on the labelled dev set."""
+"""The triage package (care/runtime/triage): normalisation in every script, the lexicon and its context checks,
+conversation context, languages, notices and first-aid cards, clinic overrides, `care triage`, and floors on
+the dev sets (measured by bench/triage.py, never tuned on)."""
 
 from __future__ import annotations
 
@@ -11,35 +12,56 @@ from pathlib import Path
 import pytest
 
 from care.cli import main
-from care.runtime import safety, triage, triage_data
+from care.errors import ConfigError
+from care.runtime import triage
+from care.runtime.triage import classifier, data, decide, lexicon
+from care.runtime.triage import rules as rules_mod
+from care.runtime.triage.normalize import normalize, script_of
 
 
 @pytest.fixture(scope="module")
 def rules():
-    return safety.load_rules(Path("/nonexistent/safety.yaml"))
+    return triage.packaged_rules()
 
 
 @pytest.fixture(scope="module")
-def lexicon():
-    return safety.load_rules(Path("/nonexistent/safety.yaml"), classifier=False)
+def lexicon_only():
+    return triage.packaged_rules(classifier_on=False)
 
 
-def test_normalize():
-    assert triage.normalize("Él  NO respirá") == "el no respira"
-    assert triage.normalize("u cant breathe?? pleeease") == "you can't breathe ? ? pleease"
-    assert triage.normalize("my 2yo drank it") == "my 2 years old drank it"
-    assert triage.normalize("self-harm") == "self harm"
-    assert triage.normalize("jsuis pas bien") == "je suis pas bien"
+def v(text: str, rules: triage.Rules | None = None, earlier: tuple[str, ...] | list[str] = ()) -> decide.Verdict:
+    return triage.assess([*earlier, text], rules or triage.load_rules())
+
+
+# -- normalisation -----------------------------------------------------------------------------------------
+def test_normalize_latin():
+    assert normalize("Él  NO respirá") == "el no respira"
+    assert normalize("u cant breathe?? pleeease") == "you can't breathe ? ? pleease"
+    assert normalize("my 2yo drank it") == "my 2 years old drank it"
+    assert normalize("self-harm") == "self harm"
+    assert normalize("jsuis pas bien") == "je suis pas bien"
+
+
+def test_normalize_keeps_words_whole_in_every_script():
+    """Issue 23: "मम्मी को सांस ..." came out as one token a character, the virama stripped."""
+    assert normalize("मम्मी को सांस लेने में बहुत दिक्कत").split() == ["मम्मी", "को", "सांस", "लेने", "में", "बहुत",
+                                                                       "दिक्कत"]
+    assert normalize("আম্মুর বুকে ব্যথা") == "আম্মুর বুকে ব্যথা"
+    assert normalize("साँस") == normalize("सांस")  # candrabindu read as anusvara
+    assert normalize("बच्चा ३ महीने का") == "बच्चा 3 महीने का"  # Devanagari digits
+    assert normalize("বাচ্চার জ্বর!!!") == "বাচ্চার জ্বর ! ! !"
+    assert script_of("मम्मी को") == "deva" and script_of("আম্মু") == "beng" and script_of("mummy ko") == "latin"
 
 
 def test_typo_index():
-    idx = triage.TypoIndex(["seizure", "breathing", "bleeding"])
+    idx = lexicon.TypoIndex(["seizure", "breathing", "bleeding"])
     assert idx.correct("siezure") == "seizure"  # swapped letters
     assert idx.correct("bleding") == "bleeding"  # one letter missing
     assert idx.correct("house") == "house"  # not near any lexicon word
-    assert triage.within_one_edit("abcd", "abdc") and not triage.within_one_edit("abcd", "dcba")
+    assert lexicon.within_one_edit("abcd", "abdc") and not lexicon.within_one_edit("abcd", "dcba")
 
 
+# -- the lexicon and its context checks ---------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "category"), [
     ("my 2 year old drank some of the bleach under the sink, what do I do", "overdose_poisoning"),
     ("he collapsed and isnt responding", "unconscious_or_seizure"),
@@ -52,10 +74,20 @@ def test_typo_index():
     ("mordu par un serpent au pied", "bites_stings"),
     ("picadura de alacrán en la mano de mi hija", "bites_stings"),
     ("stiff neck and fever and a rash that doesn't fade under a glass", "sepsis_meningitis"),
+    ("I have chest pain and my left arm is numb", "chest_pain"),
+    ("my mother's face is drooping and her speech is slurred", "stroke"),
+    ("the cut won't stop bleeding", "severe_bleeding"),
+    ("my child is having difficulty breathing and her lips are blue", "difficulty_breathing"),
+    ("I don't want to live anymore", "suicidal_thoughts"),
+    ("I'm 30 weeks pregnant and bleeding", "pregnancy_emergency"),
+    ("my throat is swelling after a bee sting", "severe_allergic_reaction"),
+    ("j'ai une douleur dans la poitrine", "chest_pain"),
+    ("tengo dolor en el pecho", "chest_pain"),
 ])
-def test_lexicon_catches(lexicon, text, category):
-    result = lexicon.assess(text)
-    assert result.emergency and category in result.categories, (text, result.categories)
+def test_lexicon_catches(lexicon_only, text, category):
+    result = v(text, lexicon_only)
+    assert result.emergency and category in result.categories, (text, result)
+    assert result.why.startswith("lexicon: ")
 
 
 @pytest.mark.parametrize(("text", "why"), [
@@ -69,72 +101,101 @@ def test_lexicon_catches(lexicon, text, category):
     ("this bill is killing me", "idiom"),
     ("my laptop keeps having a seizure", "idiom"),
     ("choking on all these fees, can you explain the charges", "idiom"),
+    ("Sepsis. Can sepsis be prevented?", "general"),
 ])
-def test_lexicon_context_cancels(lexicon, text, why):
-    assert not lexicon.assess(text).emergency, (text, why)
+def test_lexicon_context_cancels(lexicon_only, text, why):
+    result = v(text, lexicon_only)
+    assert not result.emergency, (text, why, result)
+
+
+@pytest.mark.parametrize("text", [
+    "my card payment bounced", "I need a chest of drawers delivered", "I'm dying to know my balance",
+    "How do I stop a payment that is pending?", "my phone battery is bleeding charge",
+    "Does the swimming pool offer backstroke lessons?", "I want to die my hair red",
+    "I lost my card, can you block it?", "I'm pregnant, can I take paracetamol for a headache?",
+    "How often should I get my blood pressure checked?", "my internet is slow since yesterday",
+])
+def test_everyday_messages_pass(rules, text):
+    assert not v(text, rules).emergency
 
 
 def test_conversation_context_carries_age(rules):
     earlier = ["my baby is 3 weeks old"]
-    alone = rules.assess("she has a fever and feels hot")
-    with_age = rules.assess("she has a fever and feels hot", earlier)
-    assert with_age.emergency and with_age.category == "young_infant", with_age
-    assert alone.category != "young_infant"
-    # The facts alone never flag a later harmless turn.
-    assert not rules.assess("thanks, where do I park?", earlier).emergency
-    notices = rules.check("she has a fever and feels hot", ("en",), earlier)
-    assert notices and notices[0].category == "young_infant"
+    with_age = v("she has a fever and feels hot", rules, earlier)
+    assert with_age.emergency and with_age.category == "young_infant" and with_age.why.endswith("+context")
+    assert v("she has a fever and feels hot", rules).category != "young_infant"
+    assert not v("thanks, where do I park?", rules, earlier).emergency  # the facts alone never flag
+    assert v("elle a de la fièvre", rules, ["mon bébé a 3 semaines"]).category == "young_infant"
 
 
-# Short follow-ups and lone context facts: no symptom, so no flag (the classifier alone needs a word that is
-# not filler or a fact; see Context.evidence). Written for this test, not taken from any data set.
+# Short follow-ups and lone context facts: no symptom, so no flag. Written for this test.
 @pytest.mark.parametrize("text", [
-    "and then?", "ok, what now", "so what do we do after that?", "right. and tomorrow?", "got it, thanks!",
-    "sorry, can you say that again?", "how many times?", "and if it doesn't work?",
-    "et ensuite ?", "ok merci beaucoup", "et alors ?", "d'accord, et demain ?", "c'est normal ?",
-    "y luego?", "vale, ¿y después?", "ok gracias", "¿y entonces qué hago?", "¿es normal?",
+    "and then?", "ok, what now", "so what do we do after that?", "got it, thanks!", "how many times?",
+    "et ensuite ?", "ok merci beaucoup", "c'est normal ?", "y luego?", "ok gracias", "¿es normal?",
     "my daughter is 7", "he's 2 years old", "I am 28 weeks pregnant", "she's diabetic",
     "mon fils a 5 ans", "je suis enceinte de 6 mois", "mi bebé tiene 2 meses", "estoy embarazada",
 ])
 def test_short_follow_ups_and_lone_facts_pass(rules, text):
-    result = rules.assess(text)
-    assert not result.emergency, (text, result)
-    # ... and after a fact, a follow-up still adds nothing.
-    assert not rules.assess(text, ["my baby is 3 weeks old"]).emergency, text
-
-
-def test_fact_then_symptom_flags_in_context(rules):
-    earlier = ["my baby is 3 weeks old"]
-    assert not rules.assess(earlier[0]).emergency  # the fact alone
-    result = rules.assess("she feels very hot and won't feed", earlier)
-    assert result.emergency and result.category == "young_infant", result
-    (notice, *_) = rules.check("elle a de la fièvre", ("fr",), ["mon bébé a 3 semaines"])
-    assert notice.category == "young_infant"
+    assert not v(text, rules).emergency, text
+    assert not v(text, rules, ["my baby is 3 weeks old"]).emergency, text
 
 
 def test_classifier_alone_needs_evidence(rules):
     ctx = rules.context
-    assert ctx.evidence(triage.normalize("and now?")) == []
-    assert ctx.evidence(triage.normalize("my baby is 3 weeks old")) == []
-    assert ctx.evidence(triage.normalize("she won't feed")) == ["feed"]
+    assert ctx.evidence(normalize("and now?")) == []
+    assert ctx.evidence(normalize("my baby is 3 weeks old")) == []
+    assert ctx.evidence(normalize("she won't feed")) == ["feed"]
+    assert ctx.evidence(normalize("बच्चा दूध नहीं पी रहा")) != []  # any script's words can be evidence
 
 
-@pytest.mark.parametrize("text", [
-    "How do I block my lost card?", "What is the exchange rate for pounds?",
-    "my internet is slow since yesterday", "I'm dying to know my balance",
+# -- the verdict, languages, notices and cards --------------------------------------------------------------
+def test_verdict_fields_and_reasons(rules):
+    result = v("he collapsed and is not breathing", rules)
+    assert result.emergency and result.category and result.language == "en" and 0 <= result.score <= 1
+    assert result.why.startswith("lexicon: ") or result.why == "classifier"
+    assert v("I had a stroke in 2019, can I fly?", rules).why == "cancelled: past"
+    assert v("How do I block my card?", rules).emergency is False
+
+
+@pytest.mark.parametrize(("text", "lang", "script"), [
+    ("he collapsed and is not breathing", "en", "native"), ("il ne respire plus", "fr", "native"),
+    ("no puede respirar", "es", "native"), ("मम्मी को सांस नहीं आ रही", "hi", "native"),
+    ("আম্মু শ্বাস নিতে পারছে না", "bn", "native"),
 ])
-def test_everyday_messages_pass(rules, text):
-    assert not rules.assess(text).emergency
+def test_language_and_script(rules, text, lang, script):
+    result = v(text, rules)
+    assert (result.language, result.script) == (lang, script)
 
 
-def test_notices_in_three_languages(rules):
-    for cat in triage_data.CATEGORIES:
-        for lang in ("en", "fr", "es"):
-            assert rules.messages[cat][lang].count("{emergency_number}") == 1, (cat, lang)
-    (notice, *_) = rules.check("mi bebé de 3 semanas tiene fiebre", ("fr", "es"))
-    assert notice.category == "young_infant" and "Un bébé" in notice.message and "Un bebé" in notice.message
+def test_notice_in_the_users_language_when_served(rules):
+    result = v("tengo dolor en el pecho", rules)
+    assert "emergencias" in triage.notice_text(result, rules, ("en", "es"))  # served: the user's language
+    assert "emergency number" in triage.notice_text(result, rules, ("en",))  # not served: the clinic's
+    both = triage.notice_text(v("il ne respire plus", rules), rules, ("en", "es"))  # fr not served: all served
+    assert both.count("\n") == 1 and "emergency" in both and "emergencia" in both
 
 
+def test_every_category_has_a_sourced_card_and_notices(rules):
+    for cat in data.CATEGORIES:
+        steps = rules.cards.get(cat)
+        assert steps and all(s.get("source") and s.get("en") for s in steps), cat
+        assert rules.messages[cat]["en"].count("{emergency_number}") == 1, cat
+    card = triage.card(v("my dad collapsed and is not breathing", rules), rules, ("en",))
+    assert card is not None and card.text.startswith("While help comes:") and "\n1. " in card.text
+    assert len(card.steps) == len(card.sources) and all(card.sources)
+
+
+def test_translated_cards_match_the_english_steps():
+    """Each language file's card has as many steps as the English card, in the same order (the loader
+    refuses otherwise, naming the file)."""
+    for path in rules_mod.language_files():
+        lang_data = rules_mod.read_yaml(path)
+        base = rules_mod.read_yaml(rules_mod.packaged_dir() / "cards.yaml")["cards"]
+        for cat, steps in (lang_data.get("cards") or {}).items():
+            assert len(steps) == len(base[cat]["steps"]), (path.name, cat)
+
+
+# -- clinic overrides ------------------------------------------------------------------------------------
 def _override(text: str) -> Path:
     from care.paths import config_dir
 
@@ -143,70 +204,89 @@ def _override(text: str) -> Path:
     return path
 
 
-def test_override_add_phrase_and_category(_user_dirs):
-    _override("emergency_number: '112'\n"
-              "rules:\n  - id: clinic_lassa\n    category: viral_haemorrhagic\n"
-              "    phrases:\n      en: [bleeding gums fever]\n"
-              "messages:\n  viral_haemorrhagic:\n    en: 'Isolate and call {emergency_number}.'\n")
-    (notice,) = safety.check("my son has bleeding gums and high fever")
-    assert notice.category == "viral_haemorrhagic" and notice.message == "Isolate and call 112."
+def test_clinic_override_file(_user_dirs):
+    _override("languages: [fr]\nemergency_number: '15'\n"
+              "rules:\n  - id: chest_pain\n    enabled: false\n"
+              "  - id: clinic_snakebite\n    category: snakebite\n    patterns:\n      en: ['\\bsnake\\s*bite|bitten by a snake']\n"
+              "messages:\n  snakebite:\n    fr: 'Morsure de serpent : venez au centre de santé, appelez le {emergency_number}.'\n"
+              "cards:\n  snakebite:\n    steps:\n      - {source: 'Protocole du district', fr: 'Allez au CHU : il a le sérum.'}\n")
+    rules = triage.load_rules()
+    assert rules.languages == ("fr",) and len(rules.sources) == 2
+    assert not any(r.id == "chest_pain" and r.enabled for r in rules.rules)
+    result = v("my son was bitten by a snake", rules)
+    assert result.category == "snakebite"  # the clinic's own category comes first
+    assert "appelez le 15" in triage.notice_text(result, rules)
+    assert triage.card(result, rules).steps == ["1. Allez au CHU : il a le sérum."]
+    assert "Appelez le 15" in triage.notice_text(v("I can't breathe", rules), rules)
 
 
 def test_override_always_flag_beats_every_check(_user_dirs):
     text = "I had a heart attack in 2019, what diet now?"
-    assert not safety.load_rules().assess(text).emergency  # past history: not flagged by default
-    _override("rules:\n  - id: clinic_mi\n    category: chest_pain\n    always_flag: true\n"
-              "    phrases:\n      en: [heart attack]\n")
-    result = safety.load_rules().assess(text)
-    assert result.emergency and result.category == "chest_pain" and result.source == "always_flag"
-    assert result.score == 1.0
-    # Negated still flags: the clinic asked for it.
-    assert safety.load_rules().assess("no heart attack").emergency
+    assert not v(text).emergency
+    _override("rules:\n  - id: clinic_mi\n    category: chest_pain\n    always_flag: true\n    phrases:\n      en: [heart attack]\n")
+    result = v(text)
+    assert result.emergency and result.category == "chest_pain" and result.source == "always_flag" and result.score == 1.0
+    assert v("no heart attack").emergency  # negated still flags: the clinic asked for it
 
 
 def test_override_disable_category_silences_classifier_too(_user_dirs, rules):
-    if rules.model is None:
-        pytest.skip("no classifier shipped")
     text = "my dad is grey and sweaty and says his chest feels like someone is sitting on it"
-    before = rules.assess(text)
-    assert before.emergency and before.category == "chest_pain"
+    assert v(text, rules).category == "chest_pain"
     _override("categories:\n  chest_pain:\n    enabled: false\n")
-    after = safety.load_rules().assess(text)
-    assert "chest_pain" not in after.categories
-    _override("rules:\n" + "".join(f"  - id: {r.id}\n    enabled: false\n" for r in rules.rules
-                                    if r.category == "chest_pain"))
-    again = safety.load_rules()
-    assert "chest_pain" in again.disabled and "chest_pain" not in again.assess(text).categories
+    assert "chest_pain" not in v(text).categories
 
 
-def test_bad_override_names_file(_user_dirs):
-    from care.errors import ConfigError
+@pytest.mark.parametrize(("content", "match"), [
+    ("rules:\n  - id: x\n    category: y\n    patterns: ['(unclosed']\n", "bad pattern"),
+    ("rules: [\n", "not valid YAML"),
+    ("cards:\n  stroke:\n    steps: ['no source']\n", "cards.stroke.steps"),
+    ("rules:\n  - category: y\n", "rules\\[0\\]"),
+])
+def test_bad_override_is_one_line_naming_file_and_key(_user_dirs, content, match):
+    _override(content)
+    with pytest.raises(ConfigError, match=match) as err:
+        triage.load_rules()
+    assert "safety.yaml" in err.value.one_line() and "\n" not in err.value.one_line()
 
-    _override("rules:\n  - id: x\n    category: y\n    phrases: {en: [ok]}\n    patterns: ['(bad']\n")
-    with pytest.raises(ConfigError, match="bad pattern"):
-        safety.load_rules()
+
+def test_missing_classifier_is_a_one_line_error_not_a_silent_lexicon_fallback(monkeypatch, tmp_path):
+    monkeypatch.setattr(classifier, "model_path", lambda name="model.npz": tmp_path / name)
+    classifier.packaged_model.cache_clear()
+    rules_mod._load_cached.cache_clear()  # rules loaded earlier in the session hold the real model
+    try:
+        with pytest.raises(ConfigError, match="triage classifier is missing") as exc:
+            triage.packaged_rules()
+        assert "make setup" in exc.value.one_line()
+    finally:
+        classifier.packaged_model.cache_clear()
+        rules_mod._load_cached.cache_clear()
 
 
-# -- regression floor on the dev set (measured by bench/triage.py; never tuned on it) -----------------
-DEV = triage_data.labelled_dir() / "dev.jsonl"
-
-
-@pytest.mark.skipif(not DEV.is_file(), reason="no dev set")
-def test_dev_recall_floor(rules):
-    rows = triage_data.read_labelled(DEV)
+# -- floors on the dev sets (measured by bench/triage.py; never tuned on them) -------------------------------
+def test_dev_recall_and_false_alarm_floors(rules):
+    rows = data.read_split("dev")
+    if not rows:
+        pytest.skip("no dev sets")
     emer = [r for r in rows if r.emergency]
     neg = [r for r in rows if not r.emergency]
-    recall = sum(rules.assess(r.text).emergency for r in emer) / len(emer)
-    false_alarms = sum(rules.assess(r.text).emergency for r in neg) / len(neg)
-    print(f"dev recall {recall:.3f}, false alarms {false_alarms:.3f}")
-    assert recall >= RECALL_FLOOR and false_alarms <= FALSE_ALARM_CEILING
+    recall = sum(triage.assess(r.messages, rules).emergency for r in emer) / len(emer)
+    false_alarms = sum(triage.assess(r.messages, rules).emergency for r in neg) / len(neg)
+    assert recall >= RECALL_FLOOR and false_alarms <= FALSE_ALARM_CEILING, (recall, false_alarms)
 
 
-RECALL_FLOOR = 0.95  # measured 0.980 (bench/triage.py)
-FALSE_ALARM_CEILING = 0.30  # measured 0.225 on the hard negatives
+RECALL_FLOOR = 0.95
+FALSE_ALARM_CEILING = 0.30
 
 
-# -- care triage -----------------------------------------------------------------------------------
+@pytest.mark.shared_data
+def test_banking77_has_no_false_alarms(shared_data, rules, lexicon_only):
+    texts = data.banking77(shared_data, "test")[::4]  # a fixed quarter: the default suite stays fast
+    assert [t for t in texts if v(t, lexicon_only).emergency] == []  # the rules alone: none
+    fired = [t for t in texts if v(t, rules).emergency]
+    assert len(fired) / len(texts) <= 0.005, fired
+
+
+# -- care triage -----------------------------------------------------------------------------------------
 def _lines(out: str) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
@@ -215,17 +295,21 @@ def test_care_triage_args_file_and_stdin(capsys, tmp_path, monkeypatch):
     assert main(["triage", "he collapsed and isnt responding", "How do I block my card?"]) == 0
     rows = _lines(capsys.readouterr().out)
     assert [r["emergency"] for r in rows] == [True, False]
-    assert rows[0]["category"] == "unconscious_or_seizure" and set(rows[0]) >= {"text", "emergency", "category",
-                                                                                "score"}
+    assert rows[0]["category"] == "unconscious_or_seizure"
+    assert set(rows[0]) >= {"text", "emergency", "category", "language", "score", "why"}
     f = tmp_path / "msgs.txt"
     f.write_text("je veux mourir\n\nmy wifi is down\n", encoding="utf-8")
     assert main(["triage", "--file", str(f)]) == 0
-    assert [r["category"] for r in _lines(capsys.readouterr().out)] == ["suicidal_thoughts", None]
+    out = _lines(capsys.readouterr().out)
+    assert [r["category"] for r in out] == ["suicidal_thoughts", None] and out[0]["language"] == "fr"
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("my baby is 3 weeks old\nshe has a fever\n"))
     assert main(["triage", "--context", "-"]) == 0
     assert [r["category"] for r in _lines(capsys.readouterr().out)][1] == "young_infant"
+    assert main(["triage", "--show", "--lang", "en", "my son is not breathing"]) == 0
+    shown = _lines(capsys.readouterr().out)[0]
+    assert shown["notice"] and shown["card"].startswith("While help comes:")
 
 
 def test_care_triage_rules_file_and_errors(capsys, tmp_path):
@@ -253,17 +337,10 @@ def test_care_triage_imports_no_torch_or_model():
     assert out.strip().splitlines()[-1] == "[]"
 
 
-def test_missing_classifier_is_a_one_line_error_not_a_silent_lexicon_fallback(monkeypatch, tmp_path):
-    from care.errors import ConfigError
-    from care.runtime import safety, triage
-
-    monkeypatch.setattr(triage, "model_path", lambda name="model.npz": tmp_path / name)
-    triage.packaged_model.cache_clear()
-    safety._load_cached.cache_clear()  # rules loaded earlier in the session hold the real model
-    try:
-        with pytest.raises(ConfigError, match="triage classifier is missing") as exc:
-            safety.load_rules(Path("/nonexistent/safety.yaml"))
-        assert "make setup" in exc.value.one_line()
-    finally:
-        triage.packaged_model.cache_clear()
-        safety._load_cached.cache_clear()
+@pytest.mark.parametrize(("text", "claims"), [
+    ("As a doctor, I recommend rest.", True), ("I am a nurse and this is normal.", True),
+    ("I'm your physician.", True), ("Please see a doctor if it gets worse.", False),
+    ("A doctor would check your blood pressure.", False),
+])
+def test_claims_clinician(text, claims):
+    assert triage.claims_clinician(text) is claims

@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", action="store_true",
                         help="treat the messages as one conversation: earlier lines count as context")
     parser.add_argument("--lexicon-only", action="store_true", help="rules only, without the classifier")
+    parser.add_argument("--lang", default=None,
+                        help="languages the clinic serves, e.g. sw,en (default: the rules file's `languages`)")
+    parser.add_argument("--show", action="store_true",
+                        help="also print the notice and the first-aid card a flagged message gets")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -39,7 +43,7 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from care.runtime.safety import load_rules
+    from care.runtime import triage
 
     messages: list[str] = []
     for m in args.messages:
@@ -56,11 +60,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("No messages to triage", hint="Pass messages, --file FILE, or - to read stdin")
     if args.rules is not None and not args.rules.is_file():
         raise DataError("Rules file not found", path=args.rules, hint="Pass an existing YAML file to --rules")
-    rules = load_rules(args.rules, classifier=not args.lexicon_only)
+    rules = triage.load_rules(args.rules, classifier_on=not args.lexicon_only)
+    served = tuple(x.strip() for x in args.lang.split(",") if x.strip()) if args.lang else None
     earlier: list[str] = []
     for text in messages:
-        result = rules.assess(text, earlier if args.context else ())
-        print(json.dumps({"text": text, "emergency": result.emergency, "category": result.category,
-                          "score": round(result.score, 4), "source": result.source}, ensure_ascii=False))
+        v = triage.assess([*(earlier if args.context else []), text], rules)
+        row = {"text": text, "emergency": v.emergency, "category": v.category, "language": v.language,
+               "script": v.script, "score": round(v.score, 4), "why": v.why}
+        if args.show and v.emergency:
+            card = triage.card(v, rules, served)
+            row["notice"] = triage.notice_text(v, rules, served)
+            row["card"] = card.text if card else None
+        print(json.dumps(row, ensure_ascii=False))
         earlier.append(text)
     return 0

@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from care.eval.backends import Backend
 from care.eval.benchmarks import LETTERS, MCItem, build_prompt, continuations
-
-Z95 = 1.959963984540054
-
-
-def wilson_ci(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion; well-behaved at 0, 1 and small n (unlike normal approx)."""
-    if n <= 0:
-        return (0.0, 0.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from care.stats import Z95, wilson_ci  # noqa: F401 - re-exported: the eval modules import them from here
 
 
 def accuracy_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Pick the support domain (banking / telecom / medical / general) from a user's first message.
 
-The same machinery as the triage layer (care/runtime/triage.py): a message the triage flags as an
+The same machinery as the triage layer (care/runtime/triage/): a message the triage flags as an
 emergency is medical; otherwise a linear model on the same normalised hashed features
 (care/data/triage/domain.npz, banking / general / medical, trained by scripts/train_triage.py on the
 training sides of Banking77, Bitext, MedQuAD and the project's labelled set) decides, with the weighted
@@ -82,15 +82,17 @@ STRONG_TELECOM = 3.5  # e.g. "airtime" + "phone"; "phone" or "card ... roaming" 
 def detect_domain(text: str, threshold: float = 1.5) -> str:
     """medical for an emergency; else the domain model, telecom keywords, then keyword rules."""
     from care.runtime import triage
-    from care.runtime.safety import load_rules
+    from care.runtime.triage import classifier
+    from care.runtime.triage.normalize import normalize
 
-    if load_rules().assess(text).emergency:
+    rules = triage.load_rules()
+    if triage.assess([text], rules).emergency:
         return "medical"
     keywords = keyword_domain(text, threshold)
-    model = triage.packaged_model("domain.npz")
+    model = classifier.packaged_model("domain.npz")
     if model is None:
         return keywords
-    proba = model.proba(triage.normalize(text))
+    proba = model.proba(normalize(text, rules.sms))
     best = max(proba, key=proba.__getitem__)
     if keywords == "telecom":  # the model knows no telecom: it overrules only weak telecom words
         weak = domain_scores(text)["telecom"] < STRONG_TELECOM

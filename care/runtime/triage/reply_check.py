@@ -1,10 +1,13 @@
-"""Replies agree with the emergency notice: a per-turn instruction to the model, and a sentence filter.
+"""The model's reply to a flagged turn, when the user asks for one anyway: an instruction and a sentence filter.
 
-When a turn is flagged, `turn_instruction()` is added to that turn's system message (not saved in the
-history), and the streamed reply passes through `ReplyGuard`: text is released a sentence at a time, and a
-sentence that contradicts the notice (reassurance, "wait and see", "no need to see a doctor", an emergency
-number other than the clinic's) is dropped. The session then yields a `ReplyCheckNote` naming what was
-removed, which front ends show like any reply text (and may style, being a GenerationResponse subclass).
+By default a flagged turn answers with the notice and the vetted first-aid card only; the model writes
+nothing, so nothing can contradict the notice. When the user asks the assistant anyway (the TUI's key,
+`care chat --ask-anyway`, the server's `care_emergency_reply: "model"`), `turn_instruction()` is added to
+that turn's system message (not saved in the history), the reply is headed by `ANYWAY_LABEL` (it is not
+vetted text), and it passes through `ReplyGuard`: text is released a sentence at a time, and a sentence that
+contradicts the notice (reassurance, "wait and see", "no need to see a doctor", an emergency number other
+than the clinic's) is dropped. The session then yields a `ReplyCheckNote` naming what was removed. A sentence
+filter cannot catch every contradiction, which is why this reply is never the default.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from care.runtime.engine import GenerationResponse
-from care.runtime.triage import normalize
+from care.runtime.backend import GenerationResponse
+from care.runtime.triage.normalize import normalize
 
 INSTRUCTION = (
     "SAFETY FOR THIS MESSAGE: an emergency was flagged ({categories}). The user has already been told to call "
@@ -86,16 +89,48 @@ class ReplyCheckNote(GenerationResponse):
     reasons: list[str] = field(default_factory=list)
 
 
+# Heads the model's own reply to a flagged turn (asked for anyway): it is not the vetted card.
+ANYWAY_LABEL = {
+    "en": "[Assistant's own reply, not vetted first-aid text: follow the steps above first.]",
+    "fr": "[Réponse de l'assistant, non vérifiée : suivez d'abord les étapes ci-dessus.]",
+    "es": "[Respuesta del asistente, no verificada: siga primero los pasos de arriba.]",
+    "pt": "[Resposta do assistente, não verificada: siga primeiro os passos acima.]",
+    "sw": "[Jibu la msaidizi, halijathibitishwa: fuata kwanza hatua zilizo juu.]",
+    "hi": "[सहायक का अपना जवाब, जाँचा हुआ नहीं: पहले ऊपर के कदम मानें।]",
+    "bn": "[সহকারীর নিজের উত্তর, যাচাই করা নয়: আগে উপরের ধাপগুলো মানুন।]",
+}
+
 NOTE_TEXT = {
     "en": "[{n} sentence(s) removed: they contradicted the emergency notice.]",
     "fr": "[{n} phrase(s) retirée(s) : elles contredisaient l'avis d'urgence.]",
     "es": "[{n} frase(s) eliminada(s): contradecían el aviso de emergencia.]",
+    "pt": "[{n} frase(s) removida(s): contradiziam o aviso de emergência.]",
+    "sw": "[Sentensi {n} zimeondolewa: zilipingana na tahadhari ya dharura.]",
+    "hi": "[{n} वाक्य हटाए गए: वे आपातकालीन सूचना के उलट थे।]",
+    "bn": "[{n}টি বাক্য সরানো হয়েছে: সেগুলো জরুরি সতর্কতার বিপরীত ছিল।]",
 }
 
 
+def localized_label(table: dict[str, str], languages: Iterable[str], **kw: object) -> str:
+    texts = [table[lang].format(**kw) for lang in languages if lang in table]
+    return " ".join(texts or [table["en"].format(**kw)])
+
+
 def note_text(n: int, languages: Iterable[str]) -> str:
-    texts = [NOTE_TEXT[lang].format(n=n) for lang in languages if lang in NOTE_TEXT]
-    return " ".join(texts or [NOTE_TEXT["en"].format(n=n)])
+    return localized_label(NOTE_TEXT, languages, n=n)
+
+
+# Replies that present the assistant as a clinician (small models do this despite the system prompt).
+_CLAIMS_CLINICIAN = re.compile(
+    r"\b(?:i\s*(?:'m|am)\s+(?:a|your)\s+(?:\w+\s+)?(?:doctor|physician|nurse|gp|pharmacist)"
+    r"|as\s+(?:a|your)\s+(?:\w+\s+)?(?:doctor|physician|nurse)\b(?!\s+(?:would|will|may|might|can)))",
+    re.IGNORECASE,
+)
+
+
+def claims_clinician(text: str) -> bool:
+    """True when a reply presents the assistant as a doctor/nurse ("I am a doctor", "as your physician")."""
+    return bool(_CLAIMS_CLINICIAN.search(text))
 
 
 class ReplyGuard:

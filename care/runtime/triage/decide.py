@@ -1,0 +1,138 @@
+"""The triage decision: `assess(messages, rules) -> Verdict`, and the user's language.
+
+1. The lexicon (rules.Rule): a phrase or pattern that matches and is not cancelled by its context (negation,
+   own past, general question, hypothetical, news, a resolved follow-up, an idiom) flags its category.
+2. The classifier (classifier.LinearModel): P(emergency) summed over the enabled categories at or above the
+   model's threshold flags the most likely one, if the message has some word that could be a symptom
+   (`evidence`). Where the lexicon's phrases of that category were all cancelled, or every sentence with
+   content is cancelled by a cue, it needs CANCELLED_BAR.
+3. Conversation context: facts of earlier user turns (an age, a pregnancy, diabetes) are put before the
+   message; the turn is flagged when the message alone is, or when message + facts are and the facts
+   alone score lower.
+`always_flag` rules are never cancelled and never overruled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from care.runtime.triage.classifier import NULL
+from care.runtime.triage.normalize import normalize, script_of
+from care.runtime.triage.rules import LANGUAGES, Rules
+
+# P(emergency) the classifier needs to flag a message whose own phrases or sentences were cancelled by their
+# context. A fixed design choice (not fitted): the rules' context checks outrank a middling classifier score.
+CANCELLED_BAR = 0.9
+
+
+@dataclass
+class Verdict:
+    """What the triage layer decided for the last user message, in its conversation."""
+
+    emergency: bool
+    category: str | None
+    language: str  # the user's language (en, fr, es, pt, sw, hi, bn)
+    score: float  # the classifier's P(emergency) over enabled categories; 1.0 for an always-flag rule
+    why: str  # "lexicon: <phrase>", "classifier", "cancelled: hypothetical", "+context" when earlier turns decided
+    script: str = "latin"  # "native" or "latin" (romanised Hindi / Bangla)
+    categories: list[str] = field(default_factory=list)  # every flagged category, most likely first
+    source: str = "lexicon"  # "lexicon", "always_flag", "classifier" (+ "+context")
+
+
+def detect_language(text: str, rules: Rules) -> tuple[str, str]:
+    """(language, script) of a message: the script first (Devanagari: hi, Bengali: bn), then the language
+    model on the normalised text (romanised Hindi and Bangla are Latin-script hi / bn)."""
+    script = script_of(text)
+    if script == "deva":
+        return "hi", "native"
+    if script == "beng":
+        return "bn", "native"
+    model = rules.lang_model
+    if model is None:
+        return "en", "native"
+    proba = model.proba(normalize(text, rules.sms))
+    lang = max(proba, key=proba.__getitem__)
+    return lang, "latin" if lang in ("hi", "bn") else "native"
+
+
+def _texts(messages: Sequence[object]) -> tuple[str, list[str]]:
+    """The last user message and the earlier user messages, from chat messages or plain strings."""
+    users = [m["content"] if isinstance(m, dict) else str(m) for m in messages
+             if not isinstance(m, dict) or m.get("role", "user") == "user"]
+    if not users:
+        return "", []
+    return str(users[-1] or ""), [str(u or "") for u in users[:-1]]
+
+
+def assess(messages: Sequence[object], rules: Rules) -> Verdict:
+    """The verdict for the last user message of `messages` ({"role", "content"} dicts, or strings)."""
+    text, earlier = _texts(messages)
+    lang, script = detect_language(text, rules) if text.strip() else ("en", "native")
+    norm = normalize(text, rules.sms)
+    result = _assess_norm(norm, rules)
+    if earlier:
+        # With the facts in front, the decision (and the category: a fever at 3 weeks is young_infant) can change.
+        facts = rules.context.carried_facts(earlier)
+        if facts:
+            alone = _assess_norm(facts, rules)
+            with_facts = _assess_norm(facts + " . " + norm, rules)
+            if result.emergency:  # flagged anyway: the facts may only name the category better
+                use = with_facts.emergency and with_facts.category != result.category and result.source == "classifier"
+            else:  # the message must add to what the facts say by themselves ("thanks" does not)
+                use = (with_facts.emergency and with_facts.score > alone.score
+                       and not rules.context.resolved_followup(norm))
+            if use:
+                with_facts.source += "+context"
+                with_facts.why += " +context"
+                result = with_facts
+    result.language, result.script = lang, script
+    return result
+
+
+def _assess_norm(norm: str, rules: Rules) -> Verdict:
+    variants = [norm]
+    if rules.typo is not None:
+        fixed = rules.typo.text(norm)
+        if fixed != norm:
+            variants.append(fixed)
+    hits: list[tuple[str, str, bool]] = []  # (category, phrase, always_flag)
+    cancelled: dict[str, str] = {}  # category -> why its phrases did not count
+    present = {v: {w for w in rules.words if w in v} for v in variants}
+    for r in rules.rules:
+        if not r.enabled or r.category in rules.disabled:
+            continue
+        for v in variants:
+            phrase, reason = r.scan(v, rules.context, norm, present[v])
+            if phrase is not None:
+                hits.append((r.category, phrase, r.always_flag))
+                break
+            if reason:
+                cancelled.setdefault(r.category, reason)
+    cues = rules.context.cue_names(norm)
+    proba = rules.model.proba(norm, cues) if rules.model is not None else {}
+    cats = {c: p for c, p in proba.items() if c != NULL and c not in rules.disabled}
+    score = float(sum(cats.values()))
+    if hits:
+        order = {c: i for i, c in enumerate(dict.fromkeys(c for c, _, _ in hits))}
+        # A clinic's own categories (unknown to the classifier) first, then the most likely.
+        ranked = sorted(order, key=lambda c: (-cats.get(c, 2.0), order[c]))
+        always = any(a for _, _, a in hits)
+        phrase = next(p for c, p, _ in hits if c == ranked[0])
+        return Verdict(True, ranked[0], "en", 1.0 if always else score, f"lexicon: {phrase}",
+                       categories=ranked, source="always_flag" if always else "lexicon")
+    # The classifier alone needs a word that could be a symptom: "and now?" says nothing of one.
+    evident = bool(rules.context.evidence(norm))
+    whole = rules.context.all_sentences_cancelled(norm)
+    if cats and evident and rules.model is not None and score >= rules.model.threshold:
+        best = max(cats, key=cats.__getitem__)
+        why = cancelled.get(best) or whole
+        if why is None or score >= CANCELLED_BAR:
+            return Verdict(True, best, "en", score, "classifier", categories=[best], source="classifier")
+        return Verdict(False, None, "en", score, f"cancelled: {why}", source="classifier")
+    why = next(iter(cancelled.values()), None) or whole
+    return Verdict(False, None, "en", score, f"cancelled: {why}" if why else ("classifier" if cats else "no match"),
+                   source="classifier" if cats else "lexicon")
+
+
+__all__ = ["CANCELLED_BAR", "LANGUAGES", "Verdict", "assess", "detect_language"]
