@@ -9,13 +9,15 @@ from care.cli import main
 FAST = ["--max-tokens", "12", "--temperature", "0", "--n-ctx", "512", "--threads", "1"]
 
 
-def test_chat_once_prints_safety_notice_before_answer(capsys):
+def test_chat_once_flagged_prints_notice_and_card_then_the_model_only_when_asked(capsys):
     rc = main(["chat", "--once", "I took too many pills and feel dizzy", "--stats", *FAST])
     out, err = capsys.readouterr()
     assert rc == 0
-    first_line = out.splitlines()[0]
-    assert first_line.startswith("[SAFETY overdose_poisoning]")
-    assert "not a diagnosis" in out
+    assert out.splitlines()[0].startswith("[SAFETY overdose_poisoning]") and "While help comes:" in out
+    assert "tok/s" not in err  # no model ran
+    rc = main(["chat", "--once", "I took too many pills and feel dizzy", "--stats", "--ask-anyway", *FAST])
+    out, err = capsys.readouterr()
+    assert rc == 0 and out.index("While help comes:") < out.index("not vetted") < out.index("not a diagnosis")
     assert "domain: medical" in err and "tok/s" in err
 
 

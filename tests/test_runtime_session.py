@@ -8,25 +8,26 @@ import pytest
 
 from care.domains import system_prompt
 from care.errors import GenerationError, UsageError
+from care.runtime import triage
 from care.runtime.engine import ChatEngine, EngineConfig, GenerationResponse, SamplingConfig
-from care.runtime.session import ChatSession, ContextNote, SafetyNotice
+from care.runtime.session import AnywayNote, ChatSession, ContextNote, SafetyNotice
 
 GREEDY = SamplingConfig(temperature=0.0, seed=0, max_tokens=16)
 
 
-def test_red_flag_notice_comes_before_any_model_text(smollm_engine):
+def test_red_flag_notice_and_card_then_the_model_only_when_asked(smollm_engine):
     s = ChatSession(smollm_engine, domain="auto", sampling=GREEDY)
     events = list(s.send("My wife has sudden chest pain and can't breathe"))
-    kinds = [type(e).__name__ for e in events]
-    assert kinds[0] == "SafetyNotice" and kinds[1] == "SafetyNotice"
-    assert {e.category for e in events[:2]} == {"chest_pain", "difficulty_breathing"}
-    assert all(isinstance(e, GenerationResponse) for e in events[2:])
-    assert events[-1].finish_reason in ("stop", "length")
+    assert [type(e).__name__ for e in events] == ["SafetyNotice", "FirstAidCard", "GenerationResponse"]
+    assert events[0].category in ("chest_pain", "difficulty_breathing") and events[1].category == events[0].category
+    assert set(s.last_verdict.categories) >= {"chest_pain", "difficulty_breathing"}
     assert s.domain == "medical" and s.messages[0]["content"] == system_prompt("medical")
-    reply = s.messages[-1]
-    assert reply["role"] == "assistant" and reply["content"].rstrip().endswith(
-        s.rules.disclaimer_text(s.languages))
     assert s.messages[-2] == {"role": "user", "content": "My wife has sudden chest pain and can't breathe"}
+    asked = list(s.answer_anyway())  # the real model, under the turn's instruction
+    assert isinstance(asked[0], AnywayNote) and asked[-1].finish_reason in ("stop", "length")
+    reply = s.messages[-1]
+    assert reply["role"] == "assistant" and reply["content"].startswith(events[0].message)
+    assert reply["content"].rstrip().endswith(triage.framing(s.rules, "disclaimer", s.languages))
 
 
 def test_banking_message_no_notice_no_disclaimer(smollm_engine):

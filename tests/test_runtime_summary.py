@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from care.runtime import session as session_mod
+from care.runtime import summary as summary_mod
 from care.runtime.engine import ChatEngine, EngineConfig, GenerationResponse, SamplingConfig
-from care.runtime.session import SUMMARY_HEADER, ChatSession, ContextNote
+from care.runtime.session import ChatSession, ContextNote
+from care.runtime.summary import SUMMARY_HEADER
 from care.tui.testing import FakeEngine
 
 SAMPLING = SamplingConfig(temperature=0.0, max_tokens=10)
@@ -18,9 +19,9 @@ SAMPLING = SamplingConfig(temperature=0.0, max_tokens=10)
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    session_mod._SUMMARY_CACHE.clear()
+    summary_mod.clear_cache()
     yield
-    session_mod._SUMMARY_CACHE.clear()
+    summary_mod.clear_cache()
 
 
 def history(n: int) -> list[dict[str, str]]:

@@ -86,6 +86,14 @@ def test_streaming_sse_with_safety_notice_first(server_url):
             "POST", "/v1/chat/completions",
             json=_body("My father has crushing chest pain and is sweating", stream=True)) as r:
         assert r.status_code == 200
+        card = "".join(json.loads(ln[6:])["choices"][0]["delta"].get("content", "")
+                       for ln in r.iter_lines() if ln.startswith("data: {"))
+    assert card.startswith("[SAFETY chest_pain]") and "While help comes:" in card  # by default: notice + card
+    with _client(server_url) as c, c.stream(
+            "POST", "/v1/chat/completions",
+            json=_body("My father has crushing chest pain and is sweating", stream=True,
+                       care_emergency_reply="model")) as r:
+        assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"

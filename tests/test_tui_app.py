@@ -17,6 +17,7 @@ from care.tui.store import ChatStore
 from care.tui.testing import FakeEngine
 from care.tui.widgets import (
     AssistantMessage,
+    CardMessage,
     ChatInput,
     ErrorMessage,
     NoteMessage,
@@ -46,7 +47,8 @@ async def send(pilot, text: str) -> None:
     app.query_one(ChatInput).focus()
     await pilot.press(*list(text))
     await pilot.press("enter")
-    await wait_for(pilot, lambda: app.generating or app.query(AssistantMessage))
+    # A flagged turn answers with a first-aid card at once, and no assistant message.
+    await wait_for(pilot, lambda: app.generating or app.query(AssistantMessage) or app.query(CardMessage))
 
 
 async def send_and_wait(pilot, text: str, timeout: float = 10.0) -> None:
@@ -166,7 +168,7 @@ def test_domain_switch_sets_system_prompt_and_status(store):
     assert store.get_chat(chat_id).domain == "medical"
 
 
-def test_red_flag_notice_is_shown_before_the_reply(store):
+def test_red_flag_notice_and_card_are_saved_and_reopen(store):
     engine = FakeEngine(["Please rest."])
 
     async def run():
@@ -175,14 +177,16 @@ def test_red_flag_notice_is_shown_before_the_reply(store):
             await send_and_wait(pilot, "I have crushing chest pain since an hour")
             blocks = [w for w in app.query("#conversation > *") if w.display and w.id is None]
             kinds = [type(w).__name__ for w in blocks]
-            assert kinds.index("SafetyMessage") < kinds.index("AssistantMessage")
+            assert kinds[-2:] == ["SafetyMessage", "CardMessage"]
             notice = app.query_one(SafetyMessage)
             assert "chest_pain" in str(notice.border_title)
             return app.chat_id
 
     chat_id = asyncio.run(run())
     roles = [m.role for m in store.messages(chat_id)]
-    assert roles == ["user", "safety", "assistant"]
+    assert roles == ["user", "safety", "card"]
+    # Reopened, the card is the assistant's turn of the conversation the model sees next.
+    assert [m["role"] for m in store.conversation(chat_id)] == ["user", "assistant"]
 
 
 def test_history_reopens_a_saved_chat_and_continues_it(tmp_path):

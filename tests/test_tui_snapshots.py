@@ -54,7 +54,7 @@ async def _send(pilot, text: str) -> None:
     await pilot.pause(0.1)
 
 
-def test_main_screen_with_safety_notice_and_markdown_reply(snap_compare, fixed_store):
+def test_main_screen_with_safety_notice_and_first_aid_card(snap_compare, fixed_store):
     engine = FakeEngine(["While you wait for help:\n\n- **Sit down** and rest\n- Loosen tight clothing"])
     app = create_app(engine, store=fixed_store, resume=False, domain="medical")
 

@@ -158,7 +158,8 @@ def test_reply_streams_through_with_the_care_layer(fake, gateway):
     engine, _ = fake
     with _client(gateway) as c:
         assert c.post("/v1/chat/completions", json=_body("hi"), headers={"Authorization": "Bearer no"}).status_code == 401
-        with c.stream("POST", "/v1/chat/completions", json=_body(FLAGGED, stream=True)) as r:
+        body = _body(FLAGGED, stream=True, care_emergency_reply="model")  # the model's reply, asked for anyway
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
             events = _sse(r)
     texts = [e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e["choices"]]
@@ -175,13 +176,25 @@ def test_reply_streams_through_with_the_care_layer(fake, gateway):
     assert finals and finals[-1]["usage"]["completion_tokens"] == 2
 
 
-def test_non_streaming_reply_and_notice(gateway):
+def test_flagged_turn_is_the_notice_and_card_and_never_reaches_the_engine(fake, gateway):
+    from care.runtime import triage
+    from care.runtime.server import card_text, notice_text
+    from care.runtime.session import flagged
+
+    engine, _ = fake
+    notice, card = flagged(triage.assess([FLAGGED]), triage.load_rules())
+    before = len(engine.requests)
     with _client(gateway) as c:
         r = c.post("/v1/chat/completions", json=_body(FLAGGED))
+        with c.stream("POST", "/v1/chat/completions", json=_body(FLAGGED, stream=True)) as s:
+            events = _sse(s)
     assert r.status_code == 200
     out = r.json()
-    assert out["care_safety"][0]["category"] == "chest_pain"
-    assert out["choices"][0]["message"]["content"].startswith("[SAFETY chest_pain]")
+    assert out["care_safety"][0]["category"] == "chest_pain" and out["care_card"][0]["category"] == "chest_pain"
+    assert out["choices"][0]["message"]["content"] == notice_text(notice) + card_text(card)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events if isinstance(e, dict) and e["choices"])
+    assert streamed == notice_text(notice) + card_text(card) and events[-1] == "[DONE]"
+    assert len(engine.requests) == before  # llama-server was never asked
 
 
 @pytest.mark.parametrize("mode, status, words", [
@@ -216,14 +229,14 @@ def test_failure_after_the_notice_is_an_sse_error_event(gateway):
     engine that fails (before or after its first token) ends the stream with an OpenAI-style error event, not
     a silent cut; without streaming, the error itself carries the notice."""
     for mode, words in (("500", "out of memory"), ("garbage", "malformed JSON")):
-        body = _body(f"{FLAGGED} MODE:{mode}", stream=True)
+        body = _body(f"{FLAGGED} MODE:{mode}", stream=True, care_emergency_reply="model")
         with _client(gateway) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
             events = _sse(r)
         assert events[1]["choices"][0]["delta"]["content"].startswith("[SAFETY chest_pain]")
         assert words in events[-1]["error"]["message"] and "[DONE]" not in events
     with _client(gateway) as c:
-        r = c.post("/v1/chat/completions", json=_body(f"{FLAGGED} MODE:500"))
+        r = c.post("/v1/chat/completions", json=_body(f"{FLAGGED} MODE:500", care_emergency_reply="model"))
     assert r.status_code == 502
     assert r.json()["error"]["message"].startswith("[SAFETY chest_pain]") and "out of memory" in r.text
     assert r.json()["care_safety"][0]["category"] == "chest_pain"

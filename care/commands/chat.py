@@ -53,8 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", default="auto", choices=["auto", "banking", "telecom", "medical", "general"],
                         help="support domain and its system prompt (default: detected from the first message)")
     parser.add_argument("--lang", default=None, metavar="CODES",
-                        help="languages of safety notices, e.g. en,fr (default: the clinic's safety.yaml, else en)")
+                        help="languages the clinic serves, e.g. sw,en: notices and first-aid cards are shown in the "
+                        "user's language when it is one of them (default: the clinic's safety.yaml, else en)")
+    parser.add_argument("--ask-anyway", action="store_true",
+                        help="with --once: on a flagged message, also show the model's own reply (labelled, checked) "
+                        "after the notice and the first-aid card")
     parser.add_argument("--stats", action="store_true", help="with --once: print tokens/s and TTFT to stderr")
+
+
+def _notice_line(notice) -> str:
+    return f"[SAFETY {notice.category}] {notice.message}"
 
 
 def engine_config_from_args(args: argparse.Namespace):
@@ -80,16 +88,26 @@ def run(args: argparse.Namespace) -> int:
 
     if not text.strip():
         raise UsageError("Empty message", hint='Pass the question, e.g. care chat --once "How do I block a card?"')
-    from care.runtime.session import ChatSession, ContextNote, SafetyNotice
+    from care.runtime import triage
+    from care.runtime.session import ChatSession, ContextNote, FirstAidCard, SafetyNotice, flagged
 
+    languages = parse_languages(args.lang)
+    verdict = triage.assess([text])
+    if verdict.emergency and not args.ask_anyway:  # the notice and the vetted card; no model needed
+        notice, card = flagged(verdict, triage.load_rules(), languages)
+        print(_notice_line(notice) + (f"\n\n{card.text}" if card else ""), flush=True)
+        return 0
     engine = load_engine(args)
     try:
-        session = ChatSession(engine, domain=args.domain, system=args.system, languages=parse_languages(args.lang))
+        session = ChatSession(engine, domain=args.domain, system=args.system, languages=languages,
+                              emergency_reply="model" if args.ask_anyway else "card")
         last = None
         for event in session.send(text):
             if isinstance(event, SafetyNotice):
                 # Marked and on stdout, before the answer: a script piping the answer must pass it on too.
-                print(f"[SAFETY {event.category}] {event.message}", flush=True)
+                print(_notice_line(event), flush=True)
+            elif isinstance(event, FirstAidCard):
+                print(f"\n{event.text}\n", flush=True)
             elif isinstance(event, ContextNote):
                 print(f"[note] {event.message}", file=sys.stderr)
             elif event.finish_reason is None:

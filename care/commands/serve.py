@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clients must send 'Authorization: Bearer KEY' (default: $CARE_API_KEY)")
     parser.add_argument("--domain", default="auto", choices=["auto", "banking", "telecom", "medical", "general"],
                         help="system prompt domain (default: detected from each conversation's first message)")
-    parser.add_argument("--lang", default=None, metavar="CODES", help="languages of safety notices, e.g. en,fr")
+    parser.add_argument("--lang", default=None, metavar="CODES",
+                        help="languages the clinic serves, e.g. sw,en (notices and first-aid cards in the user's "
+                        "language when it is one of them)")
+    parser.add_argument("--emergency-reply", default="card", choices=["card", "model"],
+                        help="a flagged turn answers with the notice and first-aid card only (card, the default), or "
+                        "adds the model's own reply, labelled and checked (model); a request's care_emergency_reply "
+                        "overrides it")
     parser.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
                         help="larger request bodies get 413 (default 4 MiB)")
     parser.add_argument("--max-messages", type=int, default=None, metavar="N",
@@ -38,6 +44,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="model name to request upstream (default: the first in its /v1/models)")
     up.add_argument("--upstream-timeout", type=float, default=120.0, metavar="S",
                     help="seconds to wait for the upstream's next token before answering 504 (default 120)")
+
+
+def pairing_text(host: str, port: int, api_key: str | None) -> str:
+    """Where phones open the web chat: this machine's own address, or, on the clinic network, a pairing link
+    that carries the key (the page keeps it and takes it out of the address bar) and its QR code."""
+    from care.runtime.server import lan_addresses
+
+    if not api_key:
+        return f"Web chat on this computer: http://localhost:{port}/"
+    hosts = lan_addresses() if host in ("0.0.0.0", "::") else [host]
+    links = [f"http://{h}:{port}/#key={api_key}" for h in hosts] or [f"http://<this computer's address>:{port}/#key=KEY"]
+    out = ["Phones and tablets on the clinic network: open (or scan) " + links[0]]
+    out += [f"  or {link}" for link in links[1:]]
+    try:
+        import io
+
+        import segno
+
+        buf = io.StringIO()
+        segno.make(links[0], error="m").terminal(out=buf, compact=True)
+        out.append(buf.getvalue().rstrip("\n"))
+    except ImportError:
+        out.append("(pip install segno to show the link as a QR code)")
+    return "\n".join(out)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,12 +93,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_messages", args.max_messages))
                   if v is not None}
-        app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang), **limits)
+        app = create_app(engine, domain=args.domain, api_key=api_key, languages=parse_languages(args.lang),
+                         emergency_reply=args.emergency_reply, **limits)
         shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
         via = f" via {args.upstream}" if args.upstream else ""
         print(f"Serving {engine.model_name}{via} ({engine.quant_type}, n_ctx {engine.n_ctx}) on "
               f"http://{shown}:{args.port}/v1  (OpenAI-compatible; Ctrl+C stops)"
               + ("  API key required" if api_key else ""), file=sys.stderr)
+        print(pairing_text(args.host, args.port, api_key), file=sys.stderr)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     finally:
         engine.close()

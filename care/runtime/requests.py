@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from care.domains import DOMAINS
 from care.errors import UsageError
 from care.runtime.backend import Message, SamplingConfig
 
@@ -40,6 +41,8 @@ class ChatRequest:
     json_mode: bool = False  # response_format json_object / json_schema
     model: str | None = None  # the `model` field: picks a LoRA adapter by name on a server started with --adapters
     lora: list[tuple[int, float]] | None = None  # llama-server's per-request [{"id", "scale"}] adapters
+    emergency_reply: str | None = None  # `care_emergency_reply`: "card" (the default) or "model" on a flagged turn
+    domain: str | None = None  # `care_domain`: this conversation's support domain (the web chat's choice)
 
 
 def _bad(field: str, problem: str, hint: str | None = None) -> UsageError:
@@ -200,5 +203,13 @@ def parse_request(body: Any, base: SamplingConfig, max_messages: int = DEFAULT_M
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _bad("model", "must be a string (see GET /v1/models)")
+    reply = body.get("care_emergency_reply")
+    if reply is not None and reply not in ("card", "model"):
+        raise _bad("care_emergency_reply", f"must be \"card\" or \"model\", not {reply!r}",
+                   hint="card: the notice and first-aid card only; model: the assistant's own reply after them")
+    domain = body.get("care_domain")
+    if domain is not None and domain not in (*DOMAINS, "auto"):
+        raise _bad("care_domain", f"must be one of {', '.join((*DOMAINS, 'auto'))}, not {domain!r}")
     return ChatRequest(history=messages[:-1], text=messages[-1]["content"], sampling=sampling,
-                       stream=bool(stream), json_mode=schema is not None, model=model, lora=_lora(body.get("lora")))
+                       stream=bool(stream), json_mode=schema is not None, model=model, lora=_lora(body.get("lora")),
+                       emergency_reply=reply, domain=domain)

@@ -1,7 +1,11 @@
-"""An OpenAI-compatible chat server over one chat engine (Starlette): /v1/chat/completions, /v1/models.
+"""An OpenAI-compatible chat server over one chat engine (Starlette): /v1/chat/completions, /v1/models, and at /
+the web chat for phones and tablets on the clinic's network (care/runtime/web: static files, no CDN).
 
 Each request carries the whole conversation (as OpenAI clients send it); it runs through a ChatSession,
-so red-flag notices come first in the reply (also listed in the non-standard `care_safety` field), medical
+so a flagged turn answers with the emergency notice (also in the non-standard `care_safety` field) and the
+first-aid card (`care_card`), and by default nothing else: `care_emergency_reply: "model"` per request, or
+`care serve --emergency-reply model`, adds the model's own reply after them, labelled and checked (a JSON-mode
+request always gets the model's JSON, with the notice and card in those fields only). Medical
 answers carry the not-a-diagnosis line, and over-long histories are trimmed. One generation at a time:
 the engine's lock queues concurrent requests (one model, one CPU).
 
@@ -25,7 +29,7 @@ from typing import Any
 from care.errors import CareError, UsageError
 from care.runtime.backend import ChatBackend, GenerationResponse, SamplingConfig
 from care.runtime.requests import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, ChatRequest, parse_request
-from care.runtime.session import ChatSession, ContextNote, SafetyNotice
+from care.runtime.session import AnywayNote, ChatSession, ContextNote, FirstAidCard, SafetyNotice
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +55,38 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback (where phones on the same Wi-Fi reach it)."""
+    try:
+        import psutil
+    except ImportError:
+        return []
+    import socket
+
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127.") and not a.address.startswith("169.254."):
+                found.append(a.address)
+    return sorted(set(found))
+
+
 def notice_text(notice: SafetyNotice) -> str:
     return f"[SAFETY {notice.category}] {notice.message}\n\n"
 
 
+def card_text(card: FirstAidCard) -> str:
+    return card.text
+
+
+def anyway_text(note: AnywayNote) -> str:
+    return "\n\n" + note.text
+
+
 def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None = None,
                languages: tuple[str, ...] | None = None, model_id: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES):
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_messages: int = DEFAULT_MAX_MESSAGES,
+               emergency_reply: str = "card"):
     from starlette.applications import Starlette
     from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
     from starlette.requests import Request
@@ -110,13 +139,13 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
         try:
             req = parse_request(body, engine.config.sampling, max_messages=max_messages)
             req.sampling = _pick_adapters(req, adapter_names, model_name)
-            session = _session(engine, req, domain, languages)
+            session = _session(engine, req, req.domain or domain, languages, emergency_reply)
         except CareError as exc:
             return error(_status(exc), exc.one_line(), _kind(exc))
         text = req.text
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         if req.stream:
-            events = session.send(text)
+            events = session.send(text, req.emergency_reply)
             # Fail before the 200 header when the message cannot fit (GenerationError from fit()) or an
             # upstream engine fails (502/504) on an unflagged turn. A safety notice is never held back: it goes
             # out at once, and an engine failure after it becomes an SSE error event.
@@ -127,7 +156,10 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
             return StreamingResponse(_sse(session, first, events, rid, model_name, iterate_in_threadpool),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            result = await run_in_threadpool(_collect, session, text, req.json_mode)
+            # A JSON client needs its JSON: on a flagged turn the model still writes it (instructed and checked),
+            # and the notice and card travel in care_safety / care_card.
+            reply_mode = "model" if req.json_mode and req.emergency_reply is None else req.emergency_reply
+            result = await run_in_threadpool(_collect, session, text, req.json_mode, reply_mode)
         except CareError as exc:
             # A flagged turn whose engine failed still tells the user where to get help, in the error itself.
             flagged = list(getattr(exc, "care_notices", ()))
@@ -138,21 +170,50 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
                 data["care_safety"] = [asdict(n) for n in flagged]
                 return JSONResponse(data, status_code=body.status_code)
             return body
-        notices, content, last = result
+        notices, cards, content, last = result
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                          "finish_reason": _finish(last)}],
             "usage": _usage(last),
             "care_safety": [asdict(n) for n in notices],
+            "care_card": [asdict(c) for c in cards],
             "care_domain": session.domain,
         })
+
+    async def page(request: Request):
+        name = request.path_params.get("name", "index.html")
+        return _static(name)
 
     return Starlette(routes=[
         Route("/v1/chat/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/", page, methods=["GET"]),
+        Route("/{name:str}", page, methods=["GET"]),  # last: the web chat's own files
     ])
+
+
+WEB_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+             "app.css": "text/css; charset=utf-8"}
+_WEB_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache",
+}
+
+
+def _static(name: str):
+    """One file of the web chat (no key needed: it holds no data; every API call it makes does)."""
+    from importlib import resources
+
+    from starlette.responses import JSONResponse, Response
+
+    if name not in WEB_FILES:
+        return JSONResponse({"error": {"message": f"No page {name!r} here: the chat is at /", "type": "not_found"}},
+                            status_code=404)
+    body = (resources.files("care") / "runtime" / "web" / name).read_bytes()
+    return Response(body, media_type=WEB_FILES[name], headers=_WEB_HEADERS)
 
 
 def _pick_adapters(req: ChatRequest, names: tuple[str, ...], model_name: str) -> SamplingConfig:
@@ -182,12 +243,13 @@ def _kind(exc: CareError) -> str:
 
 
 def _session(engine: ChatBackend, req: ChatRequest, domain: str,
-             languages: tuple[str, ...] | None) -> ChatSession:
+             languages: tuple[str, ...] | None, emergency_reply: str = "card") -> ChatSession:
     # An upstream backend serves requests concurrently: each gets a view with its own cancel.
     per_request = getattr(engine, "per_request", None)
     if per_request is not None:
         engine = per_request()
-    session = ChatSession(engine, domain=domain, languages=languages, sampling=req.sampling)
+    session = ChatSession(engine, domain=domain, languages=languages, sampling=req.sampling,
+                          emergency_reply=emergency_reply)
     if req.history:
         session.load_messages(req.history)
     return session
@@ -204,19 +266,27 @@ def _head(it: Iterator[Any]) -> list[Any]:
     return head
 
 
-def _collect(session: ChatSession, text: str,
-             json_mode: bool = False) -> tuple[list[SafetyNotice], str, GenerationResponse | None]:
-    """The whole reply. In JSON mode the content is the model's JSON alone: notices stay in `care_safety`
-    and the framing lines (disclaimer) are left out, so a client can parse it."""
+def _collect(session: ChatSession, text: str, json_mode: bool = False, emergency_reply: str | None = None
+             ) -> tuple[list[SafetyNotice], list[FirstAidCard], str, GenerationResponse | None]:
+    """The whole reply. In JSON mode the content is the model's JSON alone: notices and cards stay in
+    `care_safety` / `care_card` and the framing lines (disclaimer) are left out, so a client can parse it."""
     notices: list[SafetyNotice] = []
+    cards: list[FirstAidCard] = []
     parts: list[str] = []
     last = None
     try:
-        for event in session.send(text):
+        for event in session.send(text, emergency_reply):
             if isinstance(event, SafetyNotice):
                 notices.append(event)
                 if not json_mode:
                     parts.append(notice_text(event))
+            elif isinstance(event, FirstAidCard):
+                cards.append(event)
+                if not json_mode:
+                    parts.append(card_text(event))
+            elif isinstance(event, AnywayNote):
+                if not json_mode:
+                    parts.append(anyway_text(event))
             elif isinstance(event, ContextNote):
                 log.info("%s", event.message)
             elif event.finish_reason is None:
@@ -228,10 +298,13 @@ def _collect(session: ChatSession, text: str,
         raise
     content = "".join(parts)
     if json_mode:
-        for tail in (session.rules.disclaimer_text(session.languages), session.rules.not_a_doctor_text(session.languages)):
+        from care.runtime.triage import framing
+
+        for key in ("disclaimer", "not_a_doctor"):
+            tail = framing(session.rules, key, session.languages)
             if tail:
                 content = content.replace("\n\n" + tail, "")
-    return notices, content, last
+    return notices, cards, content, last
 
 
 def _finish(last: GenerationResponse | None) -> str:
@@ -262,6 +335,10 @@ async def _sse(session: ChatSession, first: list[Any], events: Iterator[Any], ri
         async for event in iterate_in_threadpool(all_events()):
             if isinstance(event, SafetyNotice):
                 yield chunk({"content": notice_text(event)}, care_safety=asdict(event))
+            elif isinstance(event, FirstAidCard):
+                yield chunk({"content": card_text(event)}, care_card=asdict(event))
+            elif isinstance(event, AnywayNote):
+                yield chunk({"content": anyway_text(event)}, care_unvetted=True)
             elif isinstance(event, ContextNote):
                 continue
             elif event.finish_reason is None:

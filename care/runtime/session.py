@@ -1,52 +1,65 @@
-"""A conversation over the engine: domain system prompt, red-flag notices, context notes, medical framing.
+"""A conversation over the engine: domain system prompt, triage, first-aid cards, context notes, framing.
 
-Front ends (the `--once` CLI, the Textual app, the server) drive a `ChatSession` and render what
-`send()` yields, in order: `SafetyNotice`s (before any model text), a `ContextNote` when older turns had
-to be left out, then the engine's streamed `GenerationResponse` chunks (the last has finish_reason). On a
-flagged turn the reply is checked a sentence at a time (care/runtime/reply_check.py) and a
-`ReplyCheckNote` (a GenerationResponse whose text says what was removed) comes before the last chunk.
-
-Turns that no longer fit the context are dropped, oldest first, or with `context="summarize"` folded into a
-rolling summary that the model writes and that rides in the system prompt (`ContextNote.summary`).
+Front ends (the `--once` CLI, the Textual app, the server and its llama-server gateway) drive a
+`ChatSession` and render what `send()` yields, in order:
+- on a flagged turn (care/runtime/triage): a `SafetyNotice`, then the category's `FirstAidCard` (vetted
+  steps, in the user's language), and by default nothing else: the model writes nothing, so nothing can
+  contradict the notice. With `emergency_reply="model"` (or `answer_anyway()` afterwards) an `AnywayNote`
+  label, then the model's reply under the turn's safety instruction, checked a sentence at a time, and a
+  `ReplyCheckNote` when sentences were removed;
+- a `ContextNote` when older turns had to be left out (or summarised: care/runtime/summary.py);
+- the engine's streamed `GenerationResponse` chunks (the last has finish_reason).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import threading
-from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from care.domains import DOMAINS, system_prompt
-from care.errors import GenerationError, UsageError
-from care.runtime import reply_check
-from care.runtime.backend import ChatBackend, GenerationResponse, Message, SamplingConfig, collect
-from care.runtime.reply_check import ReplyCheckNote
-from care.runtime.safety import SafetyNotice, claims_clinician, load_rules
+from care.errors import UsageError
+from care.runtime import triage
+from care.runtime.backend import ChatBackend, GenerationResponse, Message, SamplingConfig
+from care.runtime.summary import Summarizer, with_summary
+from care.runtime.triage import reply_check
+from care.runtime.triage.reply_check import ReplyCheckNote
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CONTEXT_POLICIES", "ChatSession", "ContextNote", "ReplyCheckNote", "SafetyNotice", "SessionEvent"]
+__all__ = ["CONTEXT_POLICIES", "EMERGENCY_REPLIES", "AnywayNote", "ChatSession", "ContextNote", "FirstAidCard",
+           "ReplyCheckNote", "SafetyNotice", "SessionEvent"]
 
 CONTEXT_POLICIES = ("drop", "summarize")
+EMERGENCY_REPLIES = ("card", "model")
 
-SUMMARY_SYSTEM = "You write short, factual summaries of support conversations."
-SUMMARY_INSTRUCTION = (
-    "Write a summary of the conversation above in at most {words} words, as notes for the assistant who "
-    "continues it. Keep names, numbers, dates, symptoms, medicines, doses, accounts, plans and what was "
-    "already advised or decided. Write only the summary."
-)
-SUMMARY_HEADER = "Summary of the earlier part of this conversation (those messages no longer fit):"
-_ROLE_NAMES = {"user": "User", "assistant": "Assistant"}
-# Summaries by (model, conversation prefix), so the server, which gets the whole history with every request
-# and builds a new session for it, does not summarise the same turns again each time.
-_SUMMARY_CACHE: OrderedDict[str, str] = OrderedDict()
-_SUMMARY_CACHE_SIZE = 256
-_SUMMARY_CACHE_LOCK = threading.Lock()  # the server's worker threads share the cache
+
+@dataclass
+class SafetyNotice:
+    """Shown before anything else on a flagged turn."""
+
+    rule_id: str  # the verdict's reason: "lexicon: <phrase>", "classifier", ... (+context)
+    category: str  # e.g. "chest_pain", "suicidal_thoughts"
+    message: str  # the emergency notice in the user's language (or the clinic's languages)
+    score: float | None = None  # the classifier's P(emergency)
+    language: str = "en"  # the user's language as detected
+
+
+@dataclass
+class FirstAidCard:
+    """The vetted first-aid steps of the flagged category, shown right after the notice."""
+
+    category: str
+    text: str  # title and numbered steps, as shown
+    steps: list[str]
+    sources: list[str]  # where each step comes from (care/data/safety/cards.yaml)
+
+
+@dataclass
+class AnywayNote(GenerationResponse):
+    """Heads the model's own reply to a flagged turn (asked for anyway): it is not vetted text."""
 
 
 @dataclass
@@ -58,7 +71,21 @@ class ContextNote:
     summary: str | None = None
 
 
-SessionEvent = SafetyNotice | ContextNote | GenerationResponse
+SessionEvent = SafetyNotice | FirstAidCard | ContextNote | GenerationResponse
+
+
+def flagged(verdict: triage.Verdict, rules: triage.Rules,
+            languages: tuple[str, ...] | None = None) -> tuple[SafetyNotice, FirstAidCard | None]:
+    """The notice and the card of a flagged verdict, in the user's language (or the clinic's languages)."""
+    notice = SafetyNotice(verdict.why, verdict.category or "", triage.notice_text(verdict, rules, languages),
+                          round(verdict.score, 4), verdict.language)
+    card = triage.card(verdict, rules, languages)
+    return notice, (FirstAidCard(card.category, card.text, card.steps, card.sources) if card else None)
+
+
+def shown_text(notice: SafetyNotice, card: FirstAidCard | None) -> str:
+    """What a flagged turn shows by default, as plain text: the notice, a blank line, the card."""
+    return notice.message + (f"\n\n{card.text}" if card else "")
 
 
 class ChatSession:
@@ -66,20 +93,25 @@ class ChatSession:
 
     domain="auto" picks the domain from the first user message (care.runtime.domains.detect_domain).
     `languages=None` uses the languages configured in the safety rules (clinic file, else English).
+    `emergency_reply="card"`: a flagged turn answers with the notice and the first-aid card only;
+    "model": the model's reply follows, labelled and checked (see care/runtime/triage/reply_check.py).
     """
 
     def __init__(self, engine: ChatBackend, domain: str = "general", system: str | None = None,
                  safety: bool = True, languages: tuple[str, ...] | None = None,
-                 sampling: SamplingConfig | None = None, context: str | None = None) -> None:
+                 sampling: SamplingConfig | None = None, context: str | None = None,
+                 emergency_reply: str = "card") -> None:
         self.engine = engine
         config = getattr(engine, "config", None)
         self.context = (context or getattr(config, "context_policy", None) or "drop").lower()
         if self.context not in CONTEXT_POLICIES:
             raise UsageError(f"Unknown context policy '{context}'", hint=f"Choose one of: {', '.join(CONTEXT_POLICIES)}")
-        self.summary_tokens = int(getattr(config, "summary_tokens", 160) or 160)
+        if emergency_reply not in EMERGENCY_REPLIES:
+            raise UsageError(f"Unknown emergency reply '{emergency_reply}'", hint="Choose card or model")
+        self.emergency_reply = emergency_reply
         self.safety = safety
         self.sampling = sampling
-        self.rules = load_rules()
+        self.rules = triage.load_rules()
         self.languages = tuple(languages) if languages else self.rules.languages
         self._auto = domain == "auto"
         self._domain = "general" if self._auto else _check_domain(domain)
@@ -87,7 +119,8 @@ class ChatSession:
         self.messages: list[Message] = [{"role": "system", "content": system or system_prompt(self._domain)}]
         self._cancelled = threading.Event()
         self._last_dropped = 0
-        self._forget_summary()
+        self.summarizer = Summarizer(engine, int(getattr(config, "summary_tokens", 160) or 160), self._cancelled)
+        self.last_verdict: triage.Verdict | None = None
 
     # -- domain / system prompt ----------------------------------------------------------------------
     @property
@@ -119,39 +152,82 @@ class ChatSession:
             self.messages.insert(0, {"role": "system", "content": text})
 
     # -- conversation --------------------------------------------------------------------------------
-    def send(self, text: str) -> Iterator[SessionEvent]:
-        """Notices, then the streamed reply. The user turn and the (possibly partial) reply are kept."""
+    def send(self, text: str, emergency_reply: str | None = None) -> Iterator[SessionEvent]:
+        """The notice and card of a flagged turn, then (unless it answers with the card alone) the streamed
+        reply. The user turn and what was shown are kept."""
         self._cancelled.clear()
         earlier = [m["content"] for m in self.messages if m["role"] == "user"]
         # Triage in the context of the earlier user turns ("he's 2 years old" counts).
-        notices = self.rules.check(text, self.languages, earlier) if self.safety else []
+        verdict = triage.assess([*earlier, text], self.rules) if self.safety else None
+        self.last_verdict = verdict
         if self._auto and not earlier:
             from care.runtime.domains import detect_domain
 
-            self._domain = detect_domain(text)  # an emergency always goes to medical
+            self._domain = "medical" if verdict is not None and verdict.emergency else detect_domain(text)
             if self._custom_system is None:
                 self._set_system(system_prompt(self._domain))
             log.info("domain detected from the first message: %s", self._domain)
+        if verdict is None or not verdict.emergency:
+            yield from self._reply(text)
+            return
+        mode = emergency_reply or self.emergency_reply
+        if mode not in EMERGENCY_REPLIES:
+            raise UsageError(f"Unknown emergency reply '{mode}'", hint="Choose card or model")
+        notice, card = self.flagged(verdict)
+        shown = shown_text(notice, card)
+        if mode == "card":
+            yield notice
+            if card:
+                yield card
+            self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": shown}]
+            yield GenerationResponse(text="", finish_reason="stop")
+            return
+        yield from self._reply(text, verdict, head=[notice, *([card] if card else [])], shown=shown)
+
+    def flagged(self, verdict: triage.Verdict) -> tuple[SafetyNotice, FirstAidCard | None]:
+        return flagged(verdict, self.rules, self.languages)
+
+    def answer_anyway(self) -> Iterator[SessionEvent]:
+        """The model's own reply to the last turn, which was flagged and answered with its card: labelled,
+        under the turn's safety instruction and checked. The notice and card stay where they are."""
+        verdict = self.last_verdict
+        if (verdict is None or not verdict.emergency or len(self.messages) < 3
+                or self.messages[-1]["role"] != "assistant" or self.messages[-2]["role"] != "user"):
+            raise UsageError("The last message was not flagged as an emergency", hint="Nothing to ask anyway")
+        self._cancelled.clear()
+        shown = self.messages.pop()["content"]
+        text = self.messages.pop()["content"]
+        yield from self._reply(text, verdict, head=[], shown=shown)
+
+    def _reply(self, text: str, verdict: triage.Verdict | None = None, head: list[SessionEvent] | None = None,
+               shown: str = "") -> Iterator[SessionEvent]:
+        """The model's reply to `text`; for a flagged verdict: `head` (notice, card) first, then the label,
+        then the reply under the safety instruction, checked; `shown` starts the recorded reply."""
         history = [*self.messages, {"role": "user", "content": text}]
         s = self.sampling or self.engine.config.sampling
         prompt_history = self._prompt_messages(history)
         guard = None
-        if notices:  # this turn only: the model is told, and its reply is checked sentence by sentence
+        if verdict is not None:  # this turn only: the model is told, and its reply is checked sentence by sentence
+            number = self.rules.number(triage.display_languages(verdict, self.rules, self.languages)[0])
             prompt_history = reply_check.with_instruction(
-                prompt_history, reply_check.turn_instruction([n.category for n in notices],
-                                                             self.rules.message_number(self.languages)))
+                prompt_history, reply_check.turn_instruction(verdict.categories or [verdict.category], number))
             guard = reply_check.ReplyGuard(self.rules.numbers())
         # Raises GenerationError (on the first next()) for a message that cannot fit; nothing is recorded.
         kept, _, dropped = self.engine.fit(prompt_history, s.max_tokens)
-        yield from notices
+        yield from head or []
         self.messages.append({"role": "user", "content": text})
-        parts: list[str] = []
+        parts: list[str] = [shown + "\n\n"] if shown else []
+        if verdict is not None:
+            label = reply_check.localized_label(reply_check.ANYWAY_LABEL,
+                                                triage.display_languages(verdict, self.rules, self.languages))
+            parts.append(label + "\n")
+            yield AnywayNote(text=label + "\n")
         last: GenerationResponse | None = None
         stream: Iterator[GenerationResponse] | None = None
         try:
             summary = None
             if dropped and self.context == "summarize":
-                kept, dropped, summary = self._summarized(prompt_history, s.max_tokens, fallback=(kept, dropped))
+                kept, dropped, summary = self.summarizer.fit(prompt_history, s.max_tokens, fallback=(kept, dropped))
             if self._cancelled.is_set():  # stopped while summarising: no reply
                 last = GenerationResponse(text="", finish_reason="cancelled")
                 yield last
@@ -169,27 +245,16 @@ class ChatSession:
                     last = chunk
                     break
                 if guard is not None:
-                    shown = guard.feed(chunk.text)
-                    if not shown:
+                    checked = guard.feed(chunk.text)
+                    if not checked:
                         continue
-                    chunk = dataclasses.replace(chunk, text=shown)
+                    chunk = dataclasses.replace(chunk, text=checked)
                 parts.append(chunk.text)
                 yield chunk
             if last is None:  # the engine stream ended without a final chunk (should not happen)
                 last = GenerationResponse(text="", finish_reason="cancelled")
             if guard is not None:
-                tail = guard.flush()
-                if tail:
-                    parts.append(tail)
-                    yield GenerationResponse(text=tail, prompt_tokens=last.prompt_tokens,
-                                             completion_tokens=last.completion_tokens, ttft_s=last.ttft_s)
-                if guard.removed:
-                    log.warning("removed %d reply sentence(s) contradicting the emergency notice: %s",
-                                len(guard.removed), guard.reasons)
-                    note = "\n\n" + reply_check.note_text(len(guard.removed), self.languages)
-                    parts.append(note)
-                    yield reply_check.ReplyCheckNote(text=note, removed=list(guard.removed),
-                                                     reasons=list(guard.reasons))
+                yield from self._guard_tail(guard, last, parts)
             if last.finish_reason != "cancelled":
                 for extra in self._framing("".join(parts)):
                     parts.append(extra)
@@ -203,120 +268,39 @@ class ChatSession:
             # Recorded even when the consumer stops iterating (cancel in a UI, a closed HTTP stream).
             self.messages.append({"role": "assistant", "content": "".join(parts)})
 
-    # -- summaries of turns that no longer fit ---------------------------------------------------------
-    def _forget_summary(self) -> None:
-        self._summary: str | None = None  # rolling summary of the first `_summary_covered` non-system messages
-        self._summary_covered = 0
-        self._summary_key = ""  # _prefix_keys() of those messages, to notice a history changed under us
+    def _guard_tail(self, guard: reply_check.ReplyGuard, last: GenerationResponse,
+                    parts: list[str]) -> Iterator[GenerationResponse]:
+        tail = guard.flush()
+        if tail:
+            parts.append(tail)
+            yield GenerationResponse(text=tail, prompt_tokens=last.prompt_tokens,
+                                     completion_tokens=last.completion_tokens, ttft_s=last.ttft_s)
+        if guard.removed:
+            log.warning("removed %d reply sentence(s) contradicting the emergency notice: %s",
+                        len(guard.removed), guard.reasons)
+            note = "\n\n" + reply_check.note_text(len(guard.removed), self.languages)
+            parts.append(note)
+            yield reply_check.ReplyCheckNote(text=note, removed=list(guard.removed), reasons=list(guard.reasons))
 
     @property
     def summary(self) -> str | None:
         """The rolling summary of the turns left out so far (context="summarize"), if any."""
-        return self._summary
-
-    def _summarized(self, history: list[Message], max_tokens: int,
-                    fallback: tuple[list[Message], int]) -> tuple[list[Message], int, str | None]:
-        """Fit `history` by folding its oldest turns into the rolling summary.
-
-        Returns (messages for the model, number of messages summarised, summary). The summary rides in the
-        system message; when the summary and the newest turn cannot fit together, it falls back to dropping."""
-        system = history[0] if history and history[0]["role"] == "system" else None
-        rest = history[1:] if system else list(history)
-        keys = _prefix_keys(getattr(self.engine, "path", ""), rest)
-        if self._summary_covered > len(rest) or keys[self._summary_covered] != self._summary_key:
-            self._forget_summary()  # the history changed under us
-        summary, covered = self._summary, self._summary_covered
-        try:
-            while True:
-                messages = [*_with_summary(system, summary), *rest[covered:]]
-                kept, _, more = self.engine.fit(messages, max_tokens)
-                if more == 0:
-                    break
-                # fit() keeps the system message, so what it left out are the oldest turns not yet summarised.
-                # Leave room for the new summary at its longest, so that one model call is usually enough.
-                try:
-                    reserve = _with_summary(system, "x " * self.summary_tokens)
-                    more = max(more, self.engine.fit([*reserve, *rest[covered:]], max_tokens)[2])
-                except GenerationError:
-                    pass  # no room for a full-length summary: summarise what must go, and see
-                target = covered + more
-                # A summary made earlier, here or by another session on the same turns, is reused.
-                with _SUMMARY_CACHE_LOCK:
-                    for n in range(target, covered, -1):
-                        if keys[n] in _SUMMARY_CACHE:
-                            summary, covered = _SUMMARY_CACHE[keys[n]], n
-                            _SUMMARY_CACHE.move_to_end(keys[n])
-                            break
-                if covered < target:
-                    summary = self._summarize(summary, rest[covered:target])
-                    if self._cancelled.is_set():
-                        return fallback[0], fallback[1], None
-                    covered = target
-                    with _SUMMARY_CACHE_LOCK:
-                        _SUMMARY_CACHE[keys[covered]] = summary
-                        while len(_SUMMARY_CACHE) > _SUMMARY_CACHE_SIZE:
-                            _SUMMARY_CACHE.popitem(last=False)
-        except GenerationError as exc:
-            log.warning("the summary and the newest message do not fit together (%s); dropping instead", exc)
-            self._forget_summary()
-            return fallback[0], fallback[1], None
-        self._summary, self._summary_covered, self._summary_key = summary, covered, keys[covered]
-        return kept, covered, summary
-
-    def _summarize(self, previous: str | None, turns: Sequence[Message]) -> str:
-        """One model call: the previous summary plus `turns`, condensed to at most summary_tokens tokens."""
-        words = max(5, int(self.summary_tokens * 0.6))  # ~0.6 words a token leaves room in summary_tokens
-        transcript = "\n".join(f"{_ROLE_NAMES.get(m['role'], m['role'])}: {m['content'].strip()}" for m in turns)
-        sampling = SamplingConfig(temperature=0.0, top_p=1.0, top_k=1, repeat_penalty=1.1, seed=0,
-                                  max_tokens=self.summary_tokens)
-        budget = self.engine.n_ctx - self.summary_tokens
-
-        def request(transcript: str) -> list[Message]:
-            head = f"Summary so far: {previous}\n\n" if previous else ""
-            return [{"role": "system", "content": SUMMARY_SYSTEM},
-                    {"role": "user", "content": f"{head}Conversation:\n{transcript}\n\n"
-                                                f"{SUMMARY_INSTRUCTION.format(words=words)}"}]
-
-        def n_tokens(messages: list[Message]) -> int:
-            return len(self.engine.tokenize(self.engine.render(messages)))
-
-        overhead = n_tokens(request(""))
-        for _ in range(6):  # a transcript longer than the context is cut from its start until it fits
-            messages = request(transcript)
-            n = n_tokens(messages)
-            if n <= budget:
-                break
-            room = (budget - overhead) / max(1, n - overhead)  # the share of the transcript that fits
-            keep = int(len(transcript) * room * 0.9)
-            transcript = "…" + transcript[-keep:] if keep > 0 else ""
-        else:
-            return previous or _digest(turns, words)
-        result = collect(self.engine.stream(messages, sampling))
-        text = result.text.strip()
-        for label in ("Summary:", "Conversation:"):  # small models start by echoing the request's labels
-            if text.startswith(label):
-                text = text[len(label):].strip()
-        if result.finish_reason == "length":  # cut at summary_tokens: end at the last whole sentence or line
-            end = max(text.rfind(". "), text.rfind(".\n"), text.rfind("\n"))
-            if end >= len(text) // 2:
-                text = text[: end + 1].strip()
-        # A model that answers with nothing (tiny ones do) still leaves the user's own words behind.
-        return text or _digest(turns, words, previous)
+        return self.summarizer.summary
 
     def _framing(self, reply: str) -> list[str]:
         """Medical answers end with the not-a-diagnosis line; a reply posing as a clinician is corrected."""
         extras = []
-        if self.safety and claims_clinician(reply):
-            extras.append("\n\n" + self.rules.not_a_doctor_text(self.languages))
+        if self.safety and triage.claims_clinician(reply):
+            extras.append("\n\n" + triage.framing(self.rules, "not_a_doctor", self.languages))
         if self.safety and self._domain == "medical":
-            disclaimer = self.rules.disclaimer_text(self.languages)
+            disclaimer = triage.framing(self.rules, "disclaimer", self.languages)
             if disclaimer and disclaimer not in reply:
                 extras.append("\n\n" + disclaimer)
         return extras
 
     def _prompt_messages(self, messages: list[Message]) -> list[Message]:
         """The history as the model sees it: without the fixed framing lines we appended (saves context)."""
-        tails = [self.rules.disclaimer_text(self.languages), self.rules.not_a_doctor_text(self.languages)]
+        tails = [triage.framing(self.rules, key, self.languages) for key in ("disclaimer", "not_a_doctor")]
         out = []
         for m in messages:
             content = m["content"]
@@ -338,8 +322,9 @@ class ChatSession:
         history = self._prompt_messages(self.messages)
         system = history[0] if history and history[0]["role"] == "system" else None
         rest = history[1:] if system else history
-        if self._summary and self._summary_covered <= len(rest):
-            history = [*_with_summary(system, self._summary), *rest[self._summary_covered:]]
+        sm = self.summarizer
+        if sm.summary and sm.covered <= len(rest):
+            history = [*with_summary(system, sm.summary), *rest[sm.covered:]]
         elif self._last_dropped and self._last_dropped <= len(rest):
             history = [*([system] if system else []), *rest[self._last_dropped:]]
         return len(self.engine.tokenize(self.engine.render(history)))
@@ -356,7 +341,7 @@ class ChatSession:
         self.messages = clean
         self._auto = self._auto and not any(m["role"] == "user" for m in clean)
         self._last_dropped = 0
-        self._forget_summary()
+        self.summarizer.forget()
 
     def reset(self, auto: bool = False) -> None:
         """A new conversation with the same domain and system prompt; `auto=True`: the domain is detected
@@ -365,7 +350,7 @@ class ChatSession:
         if auto:
             self._auto = True
         self._last_dropped = 0
-        self._forget_summary()
+        self.summarizer.forget()
 
 
 def _check_domain(domain: str) -> str:
@@ -373,27 +358,3 @@ def _check_domain(domain: str) -> str:
     if name not in DOMAINS:
         raise UsageError(f"Unknown domain '{domain}'", hint=f"Choose one of: {', '.join(DOMAINS)}, auto")
     return name
-
-
-def _with_summary(system: Message | None, summary: str | None) -> list[Message]:
-    if not summary:
-        return [system] if system else []
-    head = (system["content"] + "\n\n") if system else ""
-    return [{"role": "system", "content": f"{head}{SUMMARY_HEADER}\n{summary}"}]
-
-
-def _prefix_keys(model: object, messages: Sequence[Message]) -> list[str]:
-    """keys[n] identifies (model, messages[:n]); a chained hash, so all of them cost one pass."""
-    h = hashlib.sha256(str(model).encode("utf-8"))
-    keys = [h.hexdigest()]
-    for m in messages:
-        h.update(json.dumps([m["role"], m["content"]], ensure_ascii=False).encode("utf-8"))
-        keys.append(h.copy().hexdigest())
-    return keys
-
-
-def _digest(turns: Sequence[Message], words: int, previous: str | None = None) -> str:
-    """A summary without the model: the user's own words, shortened (used when the model writes nothing)."""
-    said = [" ".join(m["content"].split()[:24]) for m in turns if m["role"] == "user" and m["content"].strip()]
-    text = " ".join(filter(None, [previous, *(f"The user said: {t}." for t in said)]))
-    return " ".join(text.split()[:words])

@@ -39,6 +39,7 @@ from care.tui.screens import (
 from care.tui.store import ChatStore
 from care.tui.widgets import (
     AssistantMessage,
+    CardMessage,
     ChatInput,
     ErrorMessage,
     NoteMessage,
@@ -63,11 +64,16 @@ def make_session(engine: Any, domain: str, system: str | None, sampling: Any = N
 
 
 def _kind(item: Any) -> str:
-    """What the session yielded: a red-flag notice, a context note or a streamed chunk."""
-    from care.runtime.session import ContextNote, SafetyNotice
+    """What the session yielded: a red-flag notice, a first-aid card, the label of an unvetted reply, a context
+    note or a streamed chunk."""
+    from care.runtime.session import AnywayNote, ContextNote, FirstAidCard, SafetyNotice
 
     if isinstance(item, SafetyNotice):
         return "safety"
+    if isinstance(item, FirstAidCard):
+        return "card"
+    if isinstance(item, AnywayNote):
+        return "anyway"
     if isinstance(item, ContextNote):
         return "context"
     return "chunk"
@@ -94,6 +100,8 @@ class CareChatApp(App[int]):
         Binding("f3,ctrl+t", "domain", "Domain"),
         Binding("f4,ctrl+l", "model", "Model"),
         Binding("ctrl+n", "new_chat", "New"),
+        # After a flagged turn (notice + first-aid card), the model's own reply, labelled and checked.
+        Binding("f5", "ask_anyway", "Ask anyway"),
         Binding("ctrl+q", "quit", "Quit", priority=True),
         # Ctrl+C quits too (after saving), as a clinic worker expects; Textual would only show a hint.
         Binding("ctrl+c", "quit", "Quit", show=False, priority=True),
@@ -128,6 +136,7 @@ class CareChatApp(App[int]):
         self.resume = resume
         self.flush_interval_s = flush_interval_s
         self.model_folders = model_folders
+        self.flagged_turn = False  # the last turn was answered with a first-aid card (F5 asks anyway)
         self.session: Any = None
         self.chat_id: int | None = None
         self.generating = False
@@ -289,6 +298,8 @@ class CareChatApp(App[int]):
             elif m.role == "safety":
                 category, _, text = m.content.partition("\n")
                 self._mount_block(SafetyMessage(text, category))
+            elif m.role == "card":
+                self._mount_block(CardMessage(m.content))
             elif m.role == "note":
                 self._mount_block(NoteMessage(m.content))
         if self.session is not None:
@@ -327,16 +338,34 @@ class CareChatApp(App[int]):
         self._reply_parts = []
         self._reply_widget = None
         self._finish_reason = None
+        self.flagged_turn = False
+        self.refresh_bindings()
         self.update_status()
         self._generate(text)
 
+    def action_ask_anyway(self) -> None:
+        """The model's own reply to the last (flagged) message, under its label."""
+        if self.generating or self.session is None or not self.flagged_turn:
+            self.notify("Ask anyway is for the last message, after an emergency notice and first aid.", timeout=4)
+            return
+        self.flagged_turn = False
+        self.refresh_bindings()
+        self.generating = True
+        self._reply_id = None
+        self._reply_parts = []
+        self._reply_widget = None
+        self._finish_reason = None
+        self.update_status()
+        self._generate(None)
+
     @work(thread=True, exclusive=True, group="generate")
-    def _generate(self, text: str) -> None:
+    def _generate(self, text: str | None) -> None:
         # post_message rather than call_from_thread: call_from_thread waits for the UI to handle each chunk,
         # so a slow Markdown re-layout (long lists) would stall llama.cpp itself. Messages queue in order and
         # the Markdown stream merges whatever piled up into one update.
         try:
-            for item in self.session.send(text):
+            events = self.session.send(text) if text is not None else self.session.answer_anyway()
+            for item in events:
                 self.post_message(GenEvent(_kind(item), item))
         except CareError as exc:
             self.post_message(GenEvent("error", exc.one_line()))
@@ -349,6 +378,10 @@ class CareChatApp(App[int]):
     async def on_gen_event(self, event: GenEvent) -> None:
         if event.kind == "safety":
             self._on_safety(event.item)
+        elif event.kind == "card":
+            self._on_card(event.item)
+        elif event.kind == "anyway":
+            self._on_note(event.item.text.strip(), "unvetted")
         elif event.kind == "context":
             self._on_context(event.item)
         elif event.kind == "chunk":
@@ -363,13 +396,27 @@ class CareChatApp(App[int]):
             self.store.add_message(self.chat_id, "safety", f"{notice.category}\n{notice.message}")
         self._mount_block(SafetyMessage(notice.message, notice.category))
 
+    def _on_card(self, card: Any) -> None:
+        if self.chat_id is not None:
+            self.store.add_message(self.chat_id, "card", card.text)
+        self._mount_block(CardMessage(card.text))
+        self.flagged_turn = True
+        self.refresh_bindings()
+        self.notify("First aid shown. F5: ask the assistant anyway (its reply is not vetted).", timeout=6)
+
     def _on_context(self, note: Any) -> None:
         text = note.message
         if getattr(note, "summary", None):
             text += f"\nWhat the model keeps of them: {note.summary}"
+        self._on_note(text)
+
+    def _on_note(self, text: str, classes: str = "") -> None:
         if self.chat_id is not None:  # saved with the chat, so a reopened conversation shows it too
             self.store.add_message(self.chat_id, "note", text)
-        self._mount_block(NoteMessage(text))
+        note = NoteMessage(text)
+        if classes:
+            note.add_class(classes)
+        self._mount_block(note)
 
     async def _on_chunk(self, chunk: Any) -> None:
         if self._reply_widget is None and chunk.text:  # no empty box for a reply stopped before its first word
@@ -418,10 +465,13 @@ class CareChatApp(App[int]):
         self.update_status()
 
     # -- actions -----------------------------------------------------------------------------------
-    MAIN_ONLY = frozenset({"history", "domain", "model", "new_chat", "stop"})
+    MAIN_ONLY = frozenset({"history", "domain", "model", "new_chat", "stop", "ask_anyway"})
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """Chat actions only from the chat screen (not from the history or a dialog), and hidden there."""
+        """Chat actions only from the chat screen (not from the history or a dialog), and hidden there;
+        "Ask anyway" only right after a flagged turn."""
+        if action == "ask_anyway" and not (self.flagged_turn and not self.generating):
+            return False
         return not (action in self.MAIN_ONLY and len(self.screen_stack) > 1)
 
     def action_stop(self) -> None:

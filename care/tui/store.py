@@ -62,7 +62,7 @@ class ChatSummary:
 @dataclass(frozen=True)
 class StoredMessage:
     id: int
-    role: str  # user, assistant, safety, note
+    role: str  # user, assistant, safety, card, note
     content: str
     complete: bool
     finish_reason: str | None
@@ -172,9 +172,18 @@ class ChatStore:
         return [StoredMessage(r[0], r[1], r[2], bool(r[3]), r[4]) for r in rows]
 
     def conversation(self, chat_id: int) -> list[dict[str, str]]:
-        """The user/assistant turns in the form the chat session takes (notes and notices left out)."""
-        return [{"role": m.role, "content": m.content} for m in self.messages(chat_id)
-                if m.role in ("user", "assistant") and m.content]
+        """The user/assistant turns in the form the chat session takes (notes and notices left out; a first-aid
+        card is the assistant's turn, and the reply asked for after it joins that turn)."""
+        turns: list[dict[str, str]] = []
+        for m in self.messages(chat_id):
+            if m.role not in ("user", "assistant", "card") or not m.content:
+                continue
+            role = "assistant" if m.role == "card" else m.role
+            if turns and role == "assistant" and turns[-1]["role"] == "assistant":
+                turns[-1]["content"] += "\n\n" + m.content
+            else:
+                turns.append({"role": role, "content": m.content})
+        return turns
 
     # -- export ------------------------------------------------------------------------------------
     def to_markdown(self, chat_id: int) -> str:
@@ -184,7 +193,7 @@ class ChatStore:
         lines = [f"# {chat.title or 'Chat'}", "",
                  f"- Domain: {chat.domain}", f"- Model: {chat.model or 'unknown'}",
                  f"- Started: {format_time(chat.created)}", ""]
-        names = {"user": "You", "assistant": "CARE", "safety": "Safety notice", "note": "Note"}
+        names = {"user": "You", "assistant": "CARE", "safety": "Safety notice", "card": "First aid", "note": "Note"}
         for m in self.messages(chat_id):
             suffix = "" if m.complete else " (interrupted)"
             if m.finish_reason == "cancelled":

@@ -89,6 +89,15 @@ class SafetyMessage(Static):
         self.border_title = f"⚠ Safety: {category}" if category else "⚠ Safety"
 
 
+class CardMessage(Static):
+    """The vetted first-aid card of a flagged turn, right after the notice (care/data/safety/cards.yaml)."""
+
+    def __init__(self, text: str) -> None:
+        title, _, steps = text.partition("\n")
+        super().__init__(steps or title, markup=False, classes="card")
+        self.border_title = f"✚ {title.rstrip(':')}" if steps else "✚ First aid"
+
+
 class NoteMessage(Static):
     """Small grey lines: domain changed, older turns dropped, reply stopped."""
 
