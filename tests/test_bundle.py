@@ -6,7 +6,6 @@ every check here must fail before pip runs. The full build + offline install is 
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -41,8 +40,7 @@ def fake_bundle(folder: Path, *, python: str = PY, platform_: str | None = None,
 
 
 def fake_arm_bundle(folder: Path) -> Path:
-    return _fake_common(folder, {"bin/llama-cli": b"\x7fELF placeholder", "README-ARM.md": b"x\n"},
-                        "BUNDLE_PLATFORM=linux-aarch64\nBUNDLE_PYTHON=\nBUNDLE_INSTALL_KB=1\n")
+    return fake_bundle(folder, platform_="linux-aarch64")
 
 
 def install(folder: Path, prefix: Path, *, cpuinfo: str | None = None, machine: str | None = None
@@ -118,13 +116,15 @@ class TestInstallerRefuses:
         assert_refused(install(b, tmp_path / "inst", cpuinfo=PI4_FEATURES, machine="aarch64"), tmp_path / "inst",
                        "too old", "asimddp", "Raspberry Pi 3 or 4")
 
-    def test_arm_bundle_installs_on_a_dotprod_cpu(self, tmp_path):
+    def test_arm_bundle_passes_every_check_on_a_dotprod_cpu(self, tmp_path):
+        # every check passes (files, OS, aarch64, dotprod + fp16, Python, space); then pip meets the fake wheels
         b = fake_arm_bundle(tmp_path / "b")
-        proc = install(b, tmp_path / "inst", cpuinfo=A76_FEATURES, machine="aarch64")
-        assert proc.returncode == 0, proc.stderr
-        app = tmp_path / "inst" / "app"
-        assert (app / "bin" / "llama-cli").read_bytes() == (b / "bin" / "llama-cli").read_bytes()
-        assert os.access(app / "bin" / "llama-cli", os.X_OK) and (tmp_path / "inst" / "start.sh").is_symlink()
+        assert_refused(install(b, tmp_path / "inst", cpuinfo=A76_FEATURES, machine="aarch64"), tmp_path / "inst",
+                       "Installing the Python packages failed", "Nothing was installed")
+
+    def test_bundle_without_a_python_version_is_refused(self, tmp_path):
+        b = fake_bundle(tmp_path / "b", python="")
+        assert_refused(install(b, tmp_path / "inst"), tmp_path / "inst", "names no Python version")
 
     def test_no_disk_space(self, tmp_path):
         b = fake_bundle(tmp_path / "b", install_kb=2**50)
@@ -154,8 +154,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path, embedded_gguf):
     bad.write_text("rules: [unclosed\n")
     with pytest.raises(ConfigError):
         bundle.build_bundle(embedded_gguf, tmp_path / "out", safety=bad)
-    with pytest.raises(UsageError, match="safety"):
+    with pytest.raises(ConfigError):  # the ARM bundle carries the same safety layer: the same check
         bundle.build_bundle(embedded_gguf, tmp_path / "out", safety=bad, target="linux-aarch64")
+    with pytest.raises(UsageError, match="Python 3.11, not 3.99|not 3.99"):
+        bundle.build_bundle(embedded_gguf, tmp_path / "out", python="3.99")
     with pytest.raises(UsageError, match="Unknown platform"):
         bundle.build_bundle(embedded_gguf, tmp_path / "out", target="win-arm64")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

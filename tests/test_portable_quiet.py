@@ -1,5 +1,5 @@
 """The portable llama-cpp-python build keeps ggml's "load_backend: loaded CPU backend from ..." line off a
-normal `care chat`'s stderr, and shows it with `care -v` (the binding patch in care/toolchain/llamacpp.py)."""
+normal `care chat`'s stderr, and shows it with `care -v` (the binding patch in care/toolchain/llamacpp/)."""
 
 from __future__ import annotations
 

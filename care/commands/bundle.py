@@ -15,8 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the clinic's safety rules (installed as the clinic's safety.yaml)")
     parser.add_argument("--out", "-o", required=True, help="bundle folder to write (DIR and DIR.tar.gz)")
     parser.add_argument("--platform", default=None, choices=["linux-x86_64", "linux-aarch64"],
-                        help="linux-x86_64 (this machine's OS and Python; default) or linux-aarch64 "
-                        "(llama.cpp's static llama-cli for Termux / ARM boards)")
+                        help="linux-x86_64 (this machine's OS and Python; default) or linux-aarch64 (the same CARE "
+                        "runtime for an ARM board or Linux phone; Termux: care/data/bundle/termux-build.sh)")
+    parser.add_argument("--python", default=None, metavar="X.Y",
+                        help="linux-aarch64: the target's Python version (default: this machine's, e.g. 3.11 for "
+                        "Debian 12 / Raspberry Pi OS)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("care.toolchain").setLevel(logging.INFO)  # builds can take minutes: say what happens
     bundle = build_bundle(args.model or embedded_gguf(), args.out, adapters=args.adapters, safety=args.safety,
-                          target=args.platform)
+                          target=args.platform, python=args.python)
     result = {"folder": str(bundle.folder), "archive": str(bundle.archive), "platform": bundle.platform,
               "folder_mib": round(bundle.folder_bytes / 2**20, 1),
               "archive_mib": round(bundle.archive_bytes / 2**20, 1), "files": len(bundle.files)}

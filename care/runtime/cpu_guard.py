@@ -3,7 +3,7 @@
 The portable wheel carries one ggml CPU module per CPU family (libggml-cpu-haswell.so, -icelake.so,
 -sapphirerapids.so, ...) and ggml loads the one with the best score for this CPU's features. A feature list
 says what a CPU has, not that a module's kernels run correctly on it: issue 22's AMX module died with SIGILL
-on a Sapphire Rapids-class Xeon (root cause and fix: care/toolchain/patches.py). So before the first llama.cpp
+on a Sapphire Rapids-class Xeon (root cause and fix: care/toolchain/llamacpp/patches.py). So before the first llama.cpp
 load on a machine:
 
 1. The modules are scored as ggml scores them (each one's ggml_backend_score(), from CPUID).
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own override of its library folder
 DONE_ENV = "CARE_CPU_GUARD_LIB"  # set by ensure(): the folder already checked (children skip the check)
 CACHE_ENV = "CARE_CPU_GUARD_CACHE"
-GUARD_REV = 1  # bump when the probe changes what it checks
+GUARD_REV = 2  # bump when the probe changes what it checks (2: real logits, logits_all)
 PROBE_TIMEOUT = 120
 
 

@@ -1,13 +1,17 @@
 """`care bundle`: one folder (and .tar.gz) that installs and runs CARE Edge with no network and no compiler.
 
-linux-x86_64 (this machine's OS and Python): a wheelhouse for the chat runtime (no torch; the portable
-llama-cpp-python wheel from care.toolchain.llamacpp, care's own wheel and its runtime dependencies), the model
-files, install.sh, start.sh, README-CLINIC.md and SHA256SUMS. install.sh checks every checksum, the OS, the
-CPU architecture, the Python version and the free space before it writes anything, builds the venv in a temp
-folder and renames it into place at the end.
+Both platforms carry the same CARE runtime (triage, first-aid cards, domains, the TUI, `care serve` and its
+web chat; no torch): a wheelhouse (llama-cpp-python from care.toolchain.llamacpp, care's own wheel and its
+runtime dependencies), the model files, install.sh, start.sh, README-CLINIC.md and SHA256SUMS. install.sh
+checks every checksum, the OS, the CPU architecture and features, the Python version and the free space before
+it writes anything, builds the venv in a temp folder, renames it into place at the end, and runs the CPU guard
+once (care/runtime/cpu_guard.py).
 
-linux-aarch64: llama.cpp's static llama-cli cross-compiled for ARMv8.2-A, the model and a start script, for
-Termux on a phone or an ARM Linux board. It is llama.cpp's own chat, without CARE's Python runtime.
+- linux-x86_64: this machine's Python; the portable wheel (every x86 CPU family, chosen at run time).
+- linux-aarch64 (an ARM board, a Linux phone, a Chromebook's Linux: glibc): the cross-built wheel (ARMv8.2-A +
+  dotprod + fp16) and aarch64 wheels of every dependency for the target's Python (`--python`, default this
+  machine's). Android's Termux (bionic libc) cannot use manylinux wheels: care/data/bundle/termux-build.sh
+  builds the runtime on the phone instead.
 """
 
 from __future__ import annotations
@@ -110,18 +114,11 @@ def _check_inputs(model: Path, adapters: list[Path], safety: Path | None, out: P
     for adapter in adapters:
         check_gguf(adapter)
     if safety is not None:
-        if target == "linux-aarch64":
-            raise UsageError("--safety needs CARE's Python runtime; the linux-aarch64 bundle runs llama.cpp's "
-                             "llama-cli, which does not apply CARE's safety rules",
-                             hint="Drop --safety, or bundle for linux-x86_64")
         if not safety.is_file():
             raise ModelNotFoundError("Safety rules file not found", path=safety, hint="Pass your clinic.yaml")
-        from care.runtime.safety import load_rules
+        from care.runtime.triage import load_rules
 
         load_rules(override=safety)  # a bad file fails here, with its own one-line error
-    if adapters and target == "linux-aarch64":
-        raise UsageError("--adapters are not supported for linux-aarch64 bundles yet",
-                         hint="Merge the adapter and export a GGUF, then bundle that")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError("The output folder already exists and is not empty", path=out,
                          hint="Choose a new --out folder or delete the old bundle")
@@ -132,29 +129,49 @@ def _check_inputs(model: Path, adapters: list[Path], safety: Path | None, out: P
         raise UsageError("Two model/adapter files have the same name", hint="Rename one of them")
 
 
-def _collect_x86(work: Path, model: Path, adapters: list[Path], safety: Path | None) -> dict[str, object]:
+# The aarch64 wheels pip may take for a glibc-based ARM Linux (newest first; every manylinux the target's glibc
+# 2.17+ runs).
+ARM_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64",
+                 "linux_aarch64")
+
+
+def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None, target: str,
+             python: str) -> dict[str, object]:
     root = _project_root()
     wheels = work / "wheels"
     wheels.mkdir()
-    portable = llamacpp.find_wheel() or llamacpp.build_wheel()
+    llama_target = "linux-aarch64" if target == "linux-aarch64" else "native"
+    llama = llamacpp.find_wheel(target=llama_target) or llamacpp.build_wheel(target=llama_target)
     with tempfile.TemporaryDirectory(prefix="care-wheel-") as tmp:
         _pip(["wheel", "--no-deps", "-q", "-w", tmp, str(root)], "care's own wheel")
         care_wheel = next(Path(tmp).glob("care-*.whl"))
         shutil.copy2(care_wheel, wheels / care_wheel.name)
     constraints = root / "constraints.txt"
-    args = ["wheel", "-q", "-w", str(wheels), *(["-c", str(constraints)] if constraints.is_file() else []),
-            str(portable), *runtime_requirements(root), "pip"]
-    _pip(args, "the runtime's wheels")
+    pins = ["-c", str(constraints)] if constraints.is_file() else []
+    if llama_target == "native":
+        _pip(["wheel", "-q", "-w", str(wheels), *pins, str(llama), *runtime_requirements(root), "pip"],
+             "the runtime's wheels")
+    else:  # binary wheels for the target only: nothing is built here for another CPU
+        shutil.copy2(llama, wheels / llama.name)
+        plat = [arg for p in ARM_PLATFORMS for arg in ("--platform", p)]
+        _pip(["download", "-q", "--only-binary=:all:", *plat, "--python-version", python, "--implementation", "cp",
+              "-d", str(wheels), *pins, str(llama), *runtime_requirements(root), "pip"],
+             f"the runtime's aarch64 wheels for Python {python}")
     got = sorted(wheels.glob("llama_cpp_python-*.whl"))
-    if [p.name for p in got] != [portable.name] or llamacpp.sha256_file(got[0]) != llamacpp.sha256_file(portable):
-        raise BundleError("pip put a different llama-cpp-python wheel than the portable one in the bundle",
-                          path=wheels, hint="Report this; the bundle would not run on older CPUs")
+    if [p.name for p in got] != [llama.name] or llamacpp.sha256_file(got[0]) != llamacpp.sha256_file(llama):
+        raise BundleError("pip put a different llama-cpp-python wheel than the one built for the bundle in it",
+                          path=wheels, hint="Report this; the bundle would not run on its CPUs")
     if any(p.name.startswith(("torch-", "nvidia_")) for p in wheels.iterdir()):
         raise BundleError("A runtime dependency pulled torch into the bundle", path=wheels,
                           hint="Remove that dependency from care[runtime]")
     sdists = [p.name for p in wheels.iterdir() if not p.name.endswith(".whl")]
     if sdists:
         raise BundleError(f"Not a wheel: {', '.join(sdists)}", path=wheels, hint="Every package must be a wheel")
+    if llama_target != "native":
+        wrong = [p.name for p in wheels.glob("*.whl") if "x86_64" in p.name]
+        if wrong:
+            raise BundleError(f"x86 wheels in an aarch64 bundle: {', '.join(wrong)}", path=wheels,
+                              hint="Report this; pip ignored --platform")
     models = work / "models"
     models.mkdir()
     for src in (model, *adapters):
@@ -168,21 +185,12 @@ def _collect_x86(work: Path, model: Path, adapters: list[Path], safety: Path | N
     (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
     (work / "README-CLINIC.md").write_text(_template("README-CLINIC.md").replace("@MODEL@", model.name),
                                             encoding="utf-8")
-    return {"cpu_variants": llamacpp.cpu_variants(portable), "llama_cpp_wheel": portable.name}
-
-
-def _collect_arm(work: Path, model: Path) -> dict[str, object]:
-    tools = llamacpp.build_tools(["llama-cli"], target="linux-aarch64")
-    (work / "bin").mkdir()
-    for name, path in tools.items():
-        shutil.copy2(path, work / "bin" / name)
-    (work / "models").mkdir()
-    shutil.copy2(model, work / "models" / model.name)
-    (work / "start.sh").write_text(_template("start-arm.sh").replace("@MODEL@", model.name), encoding="utf-8")
-    (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
-    (work / "README-ARM.md").write_text(_template("README-ARM.md").replace("@MODEL@", model.name)
-                                        .replace("@ARCH@", llamacpp.ARM_ARCH), encoding="utf-8")
-    return {"arm_arch": llamacpp.ARM_ARCH, "tools": sorted(tools)}
+    extra: dict[str, object] = {"llama_cpp_wheel": llama.name}
+    if llama_target == "native":
+        extra["cpu_variants"] = llamacpp.cpu_variants(llama)
+    else:
+        extra["arm_arch"] = llamacpp.ARM_ARCH
+    return extra
 
 
 def _manifest(work: Path) -> dict[str, int]:
@@ -196,9 +204,15 @@ def _manifest(work: Path) -> dict[str, int]:
 
 def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
                  adapters: list[str | os.PathLike[str]] | None = None, safety: str | os.PathLike[str] | None = None,
-                 target: str | None = None) -> Bundle:
-    """Write `out`/ and `out`.tar.gz; both appear only when complete (temp folder + rename)."""
+                 target: str | None = None, python: str | None = None) -> Bundle:
+    """Write `out`/ and `out`.tar.gz; both appear only when complete (temp folder + rename). `python`: the
+    target's Python (major.minor) for a linux-aarch64 bundle (default: this machine's)."""
     target = target or host_platform()
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    python = python or here
+    if target == "linux-x86_64" and python != here:
+        raise UsageError(f"A linux-x86_64 bundle is for this machine's Python {here}, not {python}",
+                         hint="Build it with that Python, or drop --python")
     model_p = Path(model).expanduser()
     adapter_ps = [Path(a).expanduser() for a in adapters or []]
     safety_p = Path(safety).expanduser() if safety else None
@@ -215,12 +229,8 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
     archive = out_p.with_name(out_p.name + ".tar.gz")
     tmp_archive = archive.with_name(f".{archive.name}.part")
     try:
-        if target == "linux-aarch64":
-            extra = _collect_arm(work, model_p)
-            py = None
-        else:
-            extra = _collect_x86(work, model_p, adapter_ps, safety_p)
-            py = f"{sys.version_info.major}.{sys.version_info.minor}"
+        extra = _collect(work, model_p, adapter_ps, safety_p, target, python)
+        py = python
         for script in ("install.sh", "start.sh"):
             os.chmod(work / script, 0o755)
         payload = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())

@@ -29,7 +29,7 @@ case "$BUNDLE_PLATFORM" in
 esac
 # The CPU has the instructions the programs use, else they die with "Illegal instruction" at start.
 # x86-64: numpy (needed by the llama.cpp binding) is built for x86-64-v2 (SSE4.2, POPCNT); llama.cpp itself
-# picks its kernels at run time. ARM: llama-cli is built for ARMv8.2-A with dot-product and FP16.
+# picks its kernels at run time. ARM: llama.cpp is built for ARMv8.2-A with dot-product and FP16.
 # (CARE_CPUINFO: another cpuinfo file, for the installer's own tests.)
 CPUINFO=${CARE_CPUINFO:-/proc/cpuinfo}
 if [ -r "$CPUINFO" ]; then
@@ -45,7 +45,8 @@ if [ -r "$CPUINFO" ]; then
   for f in $need; do case "$have" in *" $f "*) ;; *) lacks="$lacks $f" ;; esac; done
   [ -z "$lacks" ] || fail "This CPU is too old for CARE Edge (it lacks:$lacks). It needs $cpu."
 fi
-if [ -n "$BUNDLE_PYTHON" ]; then
+[ -n "$BUNDLE_PYTHON" ] || fail "bundle.env names no Python version. This bundle is damaged or from an old CARE Edge; build it again."
+if :; then
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
     for cand in "python$BUNDLE_PYTHON" python3; do
@@ -70,7 +71,7 @@ chmod 755 "$TMP"
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
 echo "Installing CARE Edge into $PREFIX ..."
-if [ -n "$BUNDLE_PYTHON" ]; then
+if :; then
   "$PY" -m venv --without-pip "$TMP/venv" || fail "Could not create a Python environment in $TMP."
   pipwhl=$(ls wheels/pip-*.whl | head -n 1)
   # pip runs from its own wheel: no ensurepip (Debian's python3 lacks it), no network (--no-index).
@@ -80,13 +81,10 @@ if [ -n "$BUNDLE_PYTHON" ]; then
   "$TMP/venv/bin/python" -c 'import llama_cpp, care' 2>"$TMP/check.log" \
     || fail "The installed runtime does not load ($(tail -n 1 "$TMP/check.log")). Nothing was installed."
   rm -f "$TMP/pip.log" "$TMP/check.log"
-else
-  cp -r bin "$TMP/bin"
-  chmod +x "$TMP"/bin/*
 fi
 cp -r models "$TMP/models"
 [ ! -d config ] || cp -r config "$TMP/config"
-cp bundle.json start.sh README-*.md "$TMP/"
+cp bundle.json start.sh README-CLINIC.md "$TMP/"
 
 old=""
 if [ -e "$PREFIX/app" ]; then old=$(mktemp -d "$PREFIX/.app-old.XXXXXX"); mv "$PREFIX/app" "$old/app"; fi
@@ -101,7 +99,7 @@ if [ -f "$PREFIX/app/config/safety.yaml" ]; then
   cp "$PREFIX/app/config/safety.yaml" "$dest"
 fi
 ln -sf app/start.sh "$PREFIX/start.sh"
-if [ -n "$BUNDLE_PYTHON" ]; then
+if :; then
   # Once, here: which llama.cpp CPU module runs on this CPU (a child process proves it; a module that dies is
   # left out). Cached in home/, so every chat starts straight away.
   CARE_HOME="$PREFIX/home" "$PREFIX/app/venv/bin/python" -m care.runtime.cpu_guard \
