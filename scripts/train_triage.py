@@ -168,8 +168,12 @@ def main() -> int:
     dom_texts = banking + general + rng.sample(med, min(6000, len(med))) + medical_rows
     dom_y = ["banking"] * len(banking) + ["general"] * len(general) + ["medical"] * (len(dom_texts) - len(banking)
                                                                                       - len(general))
-    # Medical consumer messages are few next to the public sets: weigh them up.
+    # Medical consumer messages are few next to the public sets: weigh them up. Then every class carries the
+    # same total weight, so the bias alone (a greeting, an unknown word) favours no class.
     dom_w = np.array([1.0] * (len(dom_texts) - len(medical_rows)) + [3.0] * len(medical_rows))
+    for cls in set(dom_y):
+        mask = np.array([y == cls for y in dom_y])
+        dom_w[mask] *= len(dom_y) / (3 * dom_w[mask].sum())
     dclasses = ["banking", "general", "medical"]
     dclf = fit(matrix([classifier_text(t) for t in dom_texts]), dom_y, dom_w, dclasses)
     to_model(dclf, dclasses, 0.5).save(opts.out / "domain.npz")

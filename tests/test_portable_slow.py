@@ -145,3 +145,37 @@ def test_bundle_installs_and_answers_with_no_network(tmp_path, embedded_gguf, po
     assert not list((prefix / "app" / "venv" / "lib").glob("python*/site-packages/torch"))
     print(f"bundle: {bundle.folder_bytes / 2**20:.0f} MiB folder, {bundle.archive_bytes / 2**20:.0f} MiB tar.gz, "
           f"built in {built:.0f} s; offline install + one answer in {installed:.0f} s: {answer[:80]!r}")
+
+
+def test_termux_script_builds_the_runtime_venv_and_installs(tmp_path, embedded_gguf, portable_lib):
+    """care/data/bundle/termux-build.sh, run as far as this machine allows: everything but Termux's `pkg` and the
+    on-phone llama.cpp compile (CARE_LLAMA_WHEEL hands it this machine's wheel), with no network, on an x86
+    bundle. Its venv (the script's own, not the bundle's pip run) goes through install.sh and answers an
+    emergency with the notice first. What it cannot show: bionic, Termux's clang, a phone's CPU."""
+    reason = _can_unshare()
+    if reason:
+        pytest.skip(reason)
+    from care.toolchain import llamacpp
+    from care.toolchain.bundle import _template, build_bundle
+
+    bundle = build_bundle(embedded_gguf, tmp_path / "care-bundle")
+    folder = bundle.folder
+    (folder / "termux-build.sh").write_text(_template("termux-build.sh"))
+    wheel = llamacpp.find_wheel()
+    assert wheel is not None
+    prefix = tmp_path / "phone" / "care-edge"
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path / "phone"), "LANG": "C.UTF-8", "CARE_TERMUX_FORCE": "1",
+           "CARE_TERMUX_NO_PKG": "1", "CARE_LLAMA_WHEEL": str(wheel), "PIP_NO_INDEX": "1"}
+    py_dir = str(Path(sys.executable).resolve().parent)  # the python3 the script finds (Termux: $PREFIX/bin)
+    env["PATH"] = f"{py_dir}:{env['PATH']}"
+    script = (f"ip link show | grep -q 'state UP' && exit 9; sh ./termux-build.sh {prefix} && "
+              f"{prefix}/start.sh --once 'my husband is sweating and has crushing chest pain going down his arm'")
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = (prefix / "app" / "venv" / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = true" in cfg  # the script's venv, not install.sh's own
+    answer = proc.stdout.split("Done. Start the assistant with:", 1)[-1].split("\n", 1)[-1]
+    assert answer.lstrip().startswith("[SAFETY chest_pain]"), answer[:400]  # the notice first
+    assert "While help comes:" in answer and "CPR" in answer, answer[:800]  # then the vetted card
+    assert not list(prefix.glob(".venv-build.*")) and not list(prefix.glob(".app-*"))

@@ -42,7 +42,14 @@ log = logging.getLogger(__name__)
 LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own override of its library folder
 DONE_ENV = "CARE_CPU_GUARD_LIB"  # set by ensure(): the folder already checked (children skip the check)
 CACHE_ENV = "CARE_CPU_GUARD_CACHE"
-GUARD_REV = 2  # bump when the probe changes what it checks (2: real logits, logits_all)
+GUARD_REV = 3  # bump when the probe changes what it checks (2: real logits, logits_all; 3: AMX distrusted)
+# ggml's AMX module (sapphirerapids), even with the tile-config patch (care/toolchain/llamacpp/patches.py), was
+# measured here (Xeon with AMX, 2026-12-03) to give wrong greedy tokens on SmolLM2 Q4_K_M ("L'Étoile, la Mar"
+# where HF and every other module say "The capital of") and one SIGILL in decode during the full suite, cases
+# the short probe passes. So it is refused by policy: AVX-512 (zen4/icelake) runs instead. CARE_CPU_ALLOW_AMX=1
+# lets the probe decide again (bench/cpu_modules.py, to re-measure after a llama.cpp update).
+DISTRUSTED = {"sapphirerapids": "distrusted: wrong tokens and SIGILL measured on AMX (set CARE_CPU_ALLOW_AMX=1 to probe it)"}
+ALLOW_AMX_ENV = "CARE_CPU_ALLOW_AMX"
 PROBE_TIMEOUT = 120
 
 
@@ -118,7 +125,8 @@ def cache_dir() -> Path:
 
 def cache_key(lib: Path) -> str:
     blob = json.dumps({"cpu": cpu_identity(), "lib": str(lib.resolve()), "files": _fingerprint(lib),
-                       "python": sys.version.split()[0], "rev": GUARD_REV}, sort_keys=True)
+                       "python": sys.version.split()[0], "rev": GUARD_REV,
+                       "allow_amx": bool(os.environ.get(ALLOW_AMX_ENV))}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -220,6 +228,11 @@ def choose(lib: Path | None = None, *, use_cache: bool = True) -> Choice:
     models = _models(lib, {**env, LIB_ENV: str(without(lib, ranked[:-1]))})
     refused: list[dict[str, str]] = []
     left_out: list[str] = [v for v in variants if v not in ranked]  # score 0: ggml never picks them anyway
+    if not os.environ.get(ALLOW_AMX_ENV):
+        for v in ranked:
+            if variant_name(v) in DISTRUSTED:
+                refused.append({"variant": variant_name(v), "why": DISTRUSTED[variant_name(v)]})
+                left_out.append(v)
     for expected in ranked or [None]:
         folder = without(lib, [v for v in left_out if v in ranked])
         rc, out, err = _child(["run", "--models", str(models)], {**env, LIB_ENV: str(folder)})
@@ -275,8 +288,8 @@ def ensure() -> Choice:
     if choice.lib:
         os.environ[DONE_ENV] = choice.lib
     if choice.refused and not choice.cached:
-        log.warning("llama.cpp CPU module %s refused on this CPU (%s); using %s", choice.refused[0]["variant"],
-                    choice.refused[0]["why"], choice.name)
+        log.warning("llama.cpp CPU module %s refused on this CPU; using %s",
+                    "; ".join(f"{r['variant']} ({r['why']})" for r in choice.refused), choice.name)
     elif not choice.cached:
         log.info("llama.cpp CPU module %s checked in %.1f s", choice.name, choice.seconds)
     _ENSURED = choice

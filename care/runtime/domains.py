@@ -74,6 +74,7 @@ def domain_scores(text: str) -> dict[str, float]:
 # ("where is my order?", "what time is it?") to banking, so banking without any banking keyword needs more.
 # Chosen on the training sides (Banking77 train, MedQuAD even half, train.jsonl), not on what is measured.
 MODEL_CONFIDENCE = 0.8
+MIN_EVIDENCE = 0.3  # the model's best class must gain this much over its no-words (bias-only) probability
 BANKING_WITHOUT_KEYWORDS = 0.995
 TELECOM_TO_BANKING = 0.98
 STRONG_TELECOM = 3.5  # e.g. "airtime" + "phone"; "phone" or "card ... roaming" alone is weaker
@@ -94,6 +95,8 @@ def detect_domain(text: str, threshold: float = 1.5) -> str:
         return keywords
     proba = model.proba(normalize(text, rules.sms))
     best = max(proba, key=proba.__getitem__)
+    if proba[best] - model.proba("")[best] < MIN_EVIDENCE:
+        return keywords  # "Hello!", "thanks": the words say nothing the empty message does not
     if keywords == "telecom":  # the model knows no telecom: it overrules only weak telecom words
         weak = domain_scores(text)["telecom"] < STRONG_TELECOM
         return "banking" if weak and best == "banking" and proba[best] >= TELECOM_TO_BANKING else keywords

@@ -183,6 +183,8 @@ def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None,
     start = start.replace("@LORA@", f'--lora "$APP/models/{adapters[0].name}"' if adapters else "")
     (work / "start.sh").write_text(start, encoding="utf-8")
     (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
+    if target == "linux-aarch64":  # Android's Termux builds its runtime on the phone, then runs install.sh
+        (work / "termux-build.sh").write_text(_template("termux-build.sh"), encoding="utf-8")
     (work / "README-CLINIC.md").write_text(_template("README-CLINIC.md").replace("@MODEL@", model.name),
                                             encoding="utf-8")
     extra: dict[str, object] = {"llama_cpp_wheel": llama.name}
@@ -231,8 +233,9 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
     try:
         extra = _collect(work, model_p, adapter_ps, safety_p, target, python)
         py = python
-        for script in ("install.sh", "start.sh"):
-            os.chmod(work / script, 0o755)
+        for script in ("install.sh", "start.sh", "termux-build.sh"):
+            if (work / script).is_file():
+                os.chmod(work / script, 0o755)
         payload = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
         info = {"platform": target, "python": py, "model": model_p.name,
                 "adapters": [a.name for a in adapter_ps], "safety": safety_p is not None,

@@ -31,8 +31,11 @@ esac
 # x86-64: numpy (needed by the llama.cpp binding) is built for x86-64-v2 (SSE4.2, POPCNT); llama.cpp itself
 # picks its kernels at run time. ARM: llama.cpp is built for ARMv8.2-A with dot-product and FP16.
 # (CARE_CPUINFO: another cpuinfo file, for the installer's own tests.)
+# CARE_PREBUILT_VENV: a venv that termux-build.sh built on this very machine (its llama.cpp compiled for this
+# CPU, its Python the one found here), moved in instead of the bundle's wheels: those checks do not apply.
+PREBUILT=${CARE_PREBUILT_VENV:-}
 CPUINFO=${CARE_CPUINFO:-/proc/cpuinfo}
-if [ -r "$CPUINFO" ]; then
+if [ -z "$PREBUILT" ] && [ -r "$CPUINFO" ]; then
   case "$BUNDLE_PLATFORM" in
     linux-x86_64) need="ssse3 sse4_1 sse4_2 popcnt"
       cpu="an x86-64 CPU with SSE4.2 and POPCNT (most PCs made since 2010)" ;;
@@ -46,7 +49,9 @@ if [ -r "$CPUINFO" ]; then
   [ -z "$lacks" ] || fail "This CPU is too old for CARE Edge (it lacks:$lacks). It needs $cpu."
 fi
 [ -n "$BUNDLE_PYTHON" ] || fail "bundle.env names no Python version. This bundle is damaged or from an old CARE Edge; build it again."
-if :; then
+if [ -n "$PREBUILT" ]; then
+  [ -x "$PREBUILT/bin/python" ] || fail "CARE_PREBUILT_VENV=$PREBUILT is not a Python environment (no bin/python). Run termux-build.sh again."
+else
   PY=${PYTHON:-}
   if [ -z "$PY" ]; then
     for cand in "python$BUNDLE_PYTHON" python3; do
@@ -71,7 +76,13 @@ chmod 755 "$TMP"
 trap 'rm -rf "$TMP"' EXIT
 trap 'exit 130' INT TERM
 echo "Installing CARE Edge into $PREFIX ..."
-if :; then
+if [ -n "$PREBUILT" ]; then
+  # A venv runs from wherever it is when started through its own bin/python (start.sh does): it can move.
+  mv "$PREBUILT" "$TMP/venv" || fail "Could not move $PREBUILT into $TMP."
+  "$TMP/venv/bin/python" -c 'import llama_cpp, care' 2>"$TMP/check.log" \
+    || fail "The runtime built on this phone does not load ($(tail -n 1 "$TMP/check.log")). Nothing was installed."
+  rm -f "$TMP/check.log"
+else
   "$PY" -m venv --without-pip "$TMP/venv" || fail "Could not create a Python environment in $TMP."
   pipwhl=$(ls wheels/pip-*.whl | head -n 1)
   # pip runs from its own wheel: no ensurepip (Debian's python3 lacks it), no network (--no-index).

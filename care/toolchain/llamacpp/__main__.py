@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from care.errors import CareError
 from care.toolchain.llamacpp.source import fetch_sdist
 from care.toolchain.llamacpp.tools import TARGETS, build_tools, find_tools
-from care.toolchain.llamacpp.wheel import build_wheel, find_wheel
+from care.toolchain.llamacpp.wheel import WHEEL_TARGETS, build_wheel, find_wheel
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -19,7 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("what", choices=["wheel", "tools", "sdist"])
     parser.add_argument("names", nargs="*", help="tools: llama.cpp tool names")
     parser.add_argument("--version", default=None, help="llama-cpp-python version (default: the installed one)")
-    parser.add_argument("--target", default="native", choices=sorted(TARGETS))
+    parser.add_argument("--target", default="native", choices=sorted({*TARGETS, *WHEEL_TARGETS}),
+                        help="native (portable x86), linux-aarch64 (cross-built), device (wheel only: this CPU, e.g. Termux)")
     parser.add_argument("--cached-only", action="store_true", help="print the cached path, never build")
     parser.add_argument("--force", action="store_true")
     opts = parser.parse_args(argv)

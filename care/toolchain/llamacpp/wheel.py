@@ -67,8 +67,20 @@ ARM_WHEEL_ARGS = (
 )
 
 
+# "device": built on the machine that will run it, for its CPU only (GGML_NATIVE): what Termux on an Android
+# phone needs (bionic libc: no manylinux wheel runs there), built on the phone by care/data/bundle/termux-build.sh.
+DEVICE_WHEEL_ARGS = (
+    "-DLLAVA_BUILD=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DGGML_OPENMP=OFF",  # Termux's clang has no libgomp
+)
+WHEEL_TARGETS = ("native", "linux-aarch64", "device")
+
+
 def wheel_args(target: str = "native") -> tuple[str, ...]:
-    return ARM_WHEEL_ARGS if target == "linux-aarch64" else PORTABLE_WHEEL_ARGS
+    if target not in WHEEL_TARGETS:
+        raise BuildError(f"Unknown wheel target '{target}'", hint=f"Use one of: {', '.join(WHEEL_TARGETS)}")
+    return {"linux-aarch64": ARM_WHEEL_ARGS, "device": DEVICE_WHEEL_ARGS}.get(target, PORTABLE_WHEEL_ARGS)
 
 
 def wheel_rev(target: str = "native") -> object:
@@ -76,7 +88,9 @@ def wheel_rev(target: str = "native") -> object:
 
 
 def wheel_target(target: str = "native") -> str:
-    return "wheel-aarch64-armv8.2" if target == "linux-aarch64" else f"wheel-{platform.machine().lower()}-portable"
+    if target == "linux-aarch64":
+        return "wheel-aarch64-armv8.2"
+    return f"wheel-{platform.machine().lower()}-{'device' if target == 'device' else 'portable'}"
 
 
 def _folder(version: str, target: str) -> Path:
@@ -105,7 +119,8 @@ def build_wheel(version: str | None = None, *, target: str = "native", force: bo
         if found:
             return found
         spec = TARGETS["linux-aarch64" if arm else "native"]
-        preflight(folder.parent, spec["compilers"], str(spec.get("apt", "cmake gcc g++")))  # type: ignore[arg-type]
+        compilers = (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++")) if target == "device" else spec["compilers"]
+        preflight(folder.parent, compilers, str(spec.get("apt", "cmake gcc g++")))  # type: ignore[arg-type]
         sdist = fetch_sdist(version)
         started = time.monotonic()
         with staging(folder) as tmp:
@@ -114,14 +129,15 @@ def build_wheel(version: str | None = None, *, target: str = "native", force: bo
             patches.apply_all(src, patches.applicable(patches.WHEEL_PATCHES, is_x86(target)))
             env = {**os.environ, "CMAKE_ARGS": " ".join(wheel_args(target)), "CMAKE_BUILD_PARALLEL_LEVEL": str(jobs())}
             log.info("Building the llama-cpp-python %s wheel for %s (%s; log: %s)", version, target,
-                     "cross-compiled, 30-60 min on 2 cores" if arm else "all CPU variants, 10-25 min on 2 cores",
+                     {"linux-aarch64": "cross-compiled, 10-15 min on 2 cores", "device": "for this CPU only, 5-20 min"}
+                     .get(target, "all CPU variants, 10-25 min on 2 cores"),
                      folder / "build.log")
             run_step([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", tmp / "out", src], log_path, env)
             wheels = sorted((tmp / "out").glob("*.whl"))
             if len(wheels) != 1:
                 raise BuildError("pip wheel produced no llama-cpp-python wheel", path=log_path)
             variants = cpu_variants(wheels[0])
-            if not variants and not arm:
+            if not variants and target == "native":
                 raise BuildError("The wheel holds no libggml-cpu-<variant>.so modules", path=wheels[0],
                                  hint="Check that this llama.cpp version supports GGML_CPU_ALL_VARIANTS")
             wheel = retag_aarch64(wheels[0], tmp) if arm else tmp / wheels[0].name
