@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import random
 import sys
 from collections import defaultdict
@@ -43,15 +44,16 @@ RULES = packaged_rules(classifier_on=False)
 
 def model_input(row: data.Row) -> str:
     """What the classifier sees for a row: the message, after the facts of earlier turns (as at run time)."""
-    norm = classifier_text(row.text)
-    facts = RULES.context.carried_facts(list(row.context)) if row.context else ""
+    norm = classifier_text(row.text, row.lang)
+    facts = RULES.context.carried_facts(list(row.context), RULES.sms_for(row.lang)) if row.context else ""
     return f"{facts} . {norm}" if facts and row.kind == "multi_turn" else norm
 
 
-def classifier_text(text: str) -> str:
+def classifier_text(text: str, lang: str | None = "en") -> str:
+    """As decide reads a message in `lang` (its SMS spellings); None: as the language model reads it (none)."""
     from care.runtime.triage.normalize import normalize
 
-    return normalize(text, RULES.sms)
+    return normalize(text, RULES.sms_for(lang) if lang else {})
 
 
 def matrix(norms: list[str]):
@@ -154,7 +156,7 @@ def main() -> int:
     # Language: en fr es pt sw hi bn (romanised Hindi / Bangla are hi / bn; the scripts decide the others).
     lclasses = sorted({r.lang for r in rows if r.lang in data.LANGS})
     labelled = [r for r, c in zip(rows, is_chq, strict=True) if r.lang in data.LANGS and not c]
-    lclf = fit(matrix([classifier_text(r.text) for r in labelled]), [r.lang for r in labelled],
+    lclf = fit(matrix([classifier_text(r.text, None) for r in labelled]), [r.lang for r in labelled],
                np.ones(len(labelled)), lclasses)
     to_model(lclf, lclasses, 0.5).save(opts.out / "lang.npz")
     print(f"wrote {opts.out / 'lang.npz'} ({(opts.out / 'lang.npz').stat().st_size / 1e6:.2f} MB)")
@@ -162,20 +164,26 @@ def main() -> int:
     if not have_shared:
         return 0
     # Domain: banking / general / medical (telecom stays keyword rules: no public telecom set).
+    # (text, language, class, weight). general: Bitext's customer service, and in every language the labelled
+    # sets' non-medical messages and small talk (smalltalk.jsonl): without them every greeting and every
+    # non-English word leaned medical. The small sets are few next to the public ones: weight 3.
     med = data.medquad(opts.shared, held_out=False)
-    banking, general = data.banking77(opts.shared, "train"), data.bitext(opts.shared, held_out=False)
-    medical_rows = [r.text for r in rows if r.emergency or r.kind in data.MEDICAL_NEGATIVE_KINDS]
-    dom_texts = banking + general + rng.sample(med, min(6000, len(med))) + medical_rows
-    dom_y = ["banking"] * len(banking) + ["general"] * len(general) + ["medical"] * (len(dom_texts) - len(banking)
-                                                                                      - len(general))
-    # Medical consumer messages are few next to the public sets: weigh them up. Then every class carries the
-    # same total weight, so the bias alone (a greeting, an unknown word) favours no class.
-    dom_w = np.array([1.0] * (len(dom_texts) - len(medical_rows)) + [3.0] * len(medical_rows))
+    small = [json.loads(line) for line in (data.labelled_dir() / "smalltalk.jsonl").read_text(encoding="utf-8").splitlines()]
+    dom = ([(t, "en", "banking", 1.0) for t in data.banking77(opts.shared, "train")]
+           + [(t, "en", "general", 1.0) for t in data.bitext(opts.shared, held_out=False)]
+           + [(r.text, r.lang, "general", 3.0) for r in rows if r.kind == "non_medical"]
+           + [(d["text"], d["lang"], "general", 3.0) for d in small]
+           + [(t, "en", "medical", 1.0) for t in rng.sample(med, min(6000, len(med)))]
+           + [(r.text, r.lang, "medical", 3.0) for r in rows
+              if r.emergency or r.kind in data.MEDICAL_NEGATIVE_KINDS])
+    dom_y = [y for _, _, y, _ in dom]
+    dom_w = np.array([w for *_, w in dom])
+    # Every class carries the same total weight, so the bias alone (an unknown word) favours no class.
     for cls in set(dom_y):
         mask = np.array([y == cls for y in dom_y])
         dom_w[mask] *= len(dom_y) / (3 * dom_w[mask].sum())
     dclasses = ["banking", "general", "medical"]
-    dclf = fit(matrix([classifier_text(t) for t in dom_texts]), dom_y, dom_w, dclasses)
+    dclf = fit(matrix([classifier_text(t, lang) for t, lang, _, _ in dom]), dom_y, dom_w, dclasses)
     to_model(dclf, dclasses, 0.5).save(opts.out / "domain.npz")
     print(f"wrote {opts.out / 'domain.npz'} ({(opts.out / 'domain.npz').stat().st_size / 1e6:.2f} MB)")
     return 0

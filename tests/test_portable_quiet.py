@@ -38,6 +38,14 @@ def test_chat_stderr_has_no_backend_line_unless_verbose():
     assert LINE not in quiet.stderr, quiet.stderr[-1000:]
     verbose = _chat("-v")
     assert verbose.returncode == 0, verbose.stderr[-1000:]
-    # one line, through Python logging, naming the module ggml picked from the package's lib folder
+    # one line, through Python logging, naming the module ggml picked from the folder the CPU guard chose: the
+    # package's lib/, or (on a CPU where a module is refused, e.g. AMX) its link folder without that module
+    from care.runtime import cpu_guard
+
+    choice = cpu_guard.choose(lib)
+    folder = choice.lib or str(lib)
     lines = [ln for ln in verbose.stderr.splitlines() if LINE in ln]
-    assert len(lines) == 1 and "llama-cpp-python" in lines[0] and str(lib) in lines[0], verbose.stderr[-1000:]
+    assert len(lines) == 1 and "llama-cpp-python" in lines[0], verbose.stderr[-1000:]
+    assert f"{folder}/{choice.variant}" in lines[0], (folder, choice.variant, lines[0])
+    if choice.refused:
+        assert all(r["variant"] not in lines[0] for r in choice.refused)

@@ -16,7 +16,7 @@ from care.errors import ConfigError
 from care.runtime import triage
 from care.runtime.triage import classifier, data, decide, lexicon
 from care.runtime.triage import rules as rules_mod
-from care.runtime.triage.normalize import normalize, script_of
+from care.runtime.triage.normalize import normalize, script_of, sms_table
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,11 @@ def test_normalize_latin():
     assert normalize("u cant breathe?? pleeease") == "you can't breathe ? ? pleease"
     assert normalize("my 2yo drank it") == "my 2 years old drank it"
     assert normalize("self-harm") == "self harm"
-    assert normalize("jsuis pas bien") == "je suis pas bien"
+    assert normalize("jsuis pas bien", sms_table("fr")) == "je suis pas bien"
+    # Each language's own spellings: Spanish "ya" and "yo" are words, not French "il y a" or "years old".
+    assert normalize("ya no respira yo creo", sms_table("es")) == "ya no respira yo creo"
+    assert normalize("mtoto ana homa ya juu", sms_table("sw")) == "mtoto ana homa ya juu"
+    assert normalize("u cant breathe", sms_table("hi")) == "you can't breathe"  # Hinglish mixes in English
 
 
 def test_normalize_keeps_words_whole_in_every_script():
@@ -59,6 +63,15 @@ def test_typo_index():
     assert idx.correct("bleding") == "bleeding"  # one letter missing
     assert idx.correct("house") == "house"  # not near any lexicon word
     assert lexicon.within_one_edit("abcd", "abdc") and not lexicon.within_one_edit("abcd", "dcba")
+    by_lang = lexicon.TypoIndex({"en": ["breathing"], "es": ["responde"]})
+    assert by_lang.correct("response", "en") == "response"  # an English word, one edit from a Spanish one
+    assert by_lang.correct("respnde", "es") == "responde" and by_lang.correct("breathng", "es") == "breathing"
+
+
+def test_an_english_word_is_not_read_as_another_languages_lexicon_word(rules):
+    # "no response" is one edit from Spanish "no responde" (unconscious): it must stay a banking complaint.
+    assert not v("the seller sent no response and I want my money back", rules).emergency
+    assert v("mi abuelo se cayo y no respnde", rules).category == "unconscious_or_seizure"
 
 
 # -- the lexicon and its context checks ---------------------------------------------------------------------

@@ -83,8 +83,7 @@ STRONG_TELECOM = 3.5  # e.g. "airtime" + "phone"; "phone" or "card ... roaming" 
 def detect_domain(text: str, threshold: float = 1.5) -> str:
     """medical for an emergency; else the domain model, telecom keywords, then keyword rules."""
     from care.runtime import triage
-    from care.runtime.triage import classifier
-    from care.runtime.triage.normalize import normalize
+    from care.runtime.triage import classifier, decide
 
     rules = triage.load_rules()
     if triage.assess([text], rules).emergency:
@@ -93,7 +92,7 @@ def detect_domain(text: str, threshold: float = 1.5) -> str:
     model = classifier.packaged_model("domain.npz")
     if model is None:
         return keywords
-    proba = model.proba(normalize(text, rules.sms))
+    proba = model.proba(decide.normalized(text, rules))
     best = max(proba, key=proba.__getitem__)
     if proba[best] - model.proba("")[best] < MIN_EVIDENCE:
         return keywords  # "Hello!", "thanks": the words say nothing the empty message does not

@@ -93,6 +93,9 @@ def create_app(engine: ChatBackend, *, domain: str = "auto", api_key: str | None
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
 
+    from care.runtime import triage
+
+    triage.load_rules()  # here, not in the first request: building the rules takes ~3 s on 2 cores
     model_name = model_id or getattr(engine, "path", None) and engine.path.stem or engine.model_name
     adapter_names: tuple[str, ...] = tuple(getattr(engine, "adapter_names", ()))
     created = int(time.time())

@@ -51,9 +51,14 @@ def detect_language(text: str, rules: Rules) -> tuple[str, str]:
     model = rules.lang_model
     if model is None:
         return "en", "native"
-    proba = model.proba(normalize(text, rules.sms))
+    proba = model.proba(normalize(text, {}))  # no SMS table yet: which one is what is being decided
     lang = max(proba, key=proba.__getitem__)
     return lang, "latin" if lang in ("hi", "bn") else "native"
+
+
+def normalized(text: str, rules: Rules) -> str:
+    """The text as the rules and the classifiers read it: normalised with its language's SMS spellings."""
+    return normalize(text, rules.sms_for(detect_language(text, rules)[0] if text.strip() else "en"))
 
 
 def _texts(messages: Sequence[object]) -> tuple[str, list[str]]:
@@ -69,14 +74,14 @@ def assess(messages: Sequence[object], rules: Rules) -> Verdict:
     """The verdict for the last user message of `messages` ({"role", "content"} dicts, or strings)."""
     text, earlier = _texts(messages)
     lang, script = detect_language(text, rules) if text.strip() else ("en", "native")
-    norm = normalize(text, rules.sms)
-    result = _assess_norm(norm, rules)
+    norm = normalize(text, rules.sms_for(lang))
+    result = _assess_norm(norm, rules, lang)
     if earlier:
         # With the facts in front, the decision (and the category: a fever at 3 weeks is young_infant) can change.
-        facts = rules.context.carried_facts(earlier)
+        facts = rules.context.carried_facts(earlier, rules.sms_for(lang))
         if facts:
-            alone = _assess_norm(facts, rules)
-            with_facts = _assess_norm(facts + " . " + norm, rules)
+            alone = _assess_norm(facts, rules, lang)
+            with_facts = _assess_norm(facts + " . " + norm, rules, lang)
             if result.emergency:  # flagged anyway: the facts may only name the category better
                 use = with_facts.emergency and with_facts.category != result.category and result.source == "classifier"
             else:  # the message must add to what the facts say by themselves ("thanks" does not)
@@ -90,10 +95,10 @@ def assess(messages: Sequence[object], rules: Rules) -> Verdict:
     return result
 
 
-def _assess_norm(norm: str, rules: Rules) -> Verdict:
+def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
     variants = [norm]
     if rules.typo is not None:
-        fixed = rules.typo.text(norm)
+        fixed = rules.typo.text(norm, lang)
         if fixed != norm:
             variants.append(fixed)
     hits: list[tuple[str, str, bool]] = []  # (category, phrase, always_flag)

@@ -20,8 +20,9 @@ Context cues, per language (care/data/safety/lang/<lang>.yaml `context:`, plus r
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import regex
 
@@ -55,35 +56,45 @@ def within_one_edit(a: str, b: str) -> bool:
 
 
 class TypoIndex:
-    """Reads a word within one edit of a lexicon word (5+ Latin letters) as that word (SymSpell-style)."""
+    """Reads a word within one edit of a lexicon word (5+ Latin letters) as that word (SymSpell-style).
+
+    The vocabulary is kept by language, and a message is corrected only toward the words of its own language
+    and English (English words turn up in every code-mixed message). Across languages a real word is often one
+    edit from another language's lexicon word: English "response" is not a typo of Spanish "responde"."""
 
     MIN_LEN = 5
 
-    def __init__(self, vocabulary: Iterable[str]) -> None:
-        self.vocab = {w for w in vocabulary if len(w) >= self.MIN_LEN and w.isascii() and w.isalpha()}
-        self.index: dict[str, set[str]] = {}
-        for w in self.vocab:
-            for key in (w, *_deletes(w)):
-                self.index.setdefault(key, set()).add(w)
-        self._cache: dict[str, str] = {}
+    def __init__(self, vocabulary: Iterable[str] | dict[str, Iterable[str]]) -> None:
+        by_lang = vocabulary if isinstance(vocabulary, dict) else {"en": vocabulary}
+        self.vocab: dict[str, set[str]] = {
+            lang: {w for w in words if len(w) >= self.MIN_LEN and w.isascii() and w.isalpha()}
+            for lang, words in by_lang.items()}
+        self.index: dict[str, dict[str, set[str]]] = {}  # delete-key -> word -> its languages
+        for lang, words in self.vocab.items():
+            for w in words:
+                for key in (w, *_deletes(w)):
+                    self.index.setdefault(key, {}).setdefault(w, set()).add(lang)
+        self._cache: dict[tuple[str, str], str] = {}
 
-    def correct(self, word: str) -> str:
-        if len(word) < self.MIN_LEN or word in self.vocab or not (word.isascii() and word.isalpha()):
+    def correct(self, word: str, lang: str = "en") -> str:
+        langs = {lang, "en"}
+        if (len(word) < self.MIN_LEN or not (word.isascii() and word.isalpha())
+                or any(word in self.vocab.get(x, ()) for x in langs)):
             return word
-        hit = self._cache.get(word)
+        hit = self._cache.get((word, lang))
         if hit is None:
             cands: set[str] = set()
             for key in (word, *_deletes(word)):
-                cands |= self.index.get(key, set())
+                cands |= {w for w, ls in self.index.get(key, {}).items() if ls & langs}
             # Typos rarely touch the first letter: "clicked" is not a typo of "licked".
             good = sorted(c for c in cands if c[0] == word[0] and within_one_edit(word, c))
             hit = good[0] if len(good) == 1 else word  # ambiguous: leave it
             if len(self._cache) < 50_000:
-                self._cache[word] = hit
+                self._cache[(word, lang)] = hit
         return hit
 
-    def text(self, norm: str) -> str:
-        return " ".join(self.correct(w) for w in norm.split(" "))
+    def text(self, norm: str, lang: str = "en") -> str:
+        return " ".join(self.correct(w, lang) for w in norm.split(" "))
 
 
 _WORDS = regex.compile(r"[a-z]{5,}")
@@ -98,20 +109,21 @@ def pattern_words(sources: Iterable[str]) -> set[str]:
     return words
 
 
-def phrase_words(phrase: str) -> list[tuple[str, bool]]:
-    """(normalised word, is a stem) for each word of a phrase; "bleed*" is the stem "bleed"."""
+def phrase_words(phrase: str, table: Mapping[str, str] | None = None) -> list[tuple[str, bool]]:
+    """(normalised word, is a stem) for each word of a phrase; "bleed*" is the stem "bleed". `table`: the SMS
+    spellings of the phrase's language (normalize)."""
     out = []
     for raw in phrase.split():
         stem = raw.endswith("*")
         out.extend((w, stem and i == len(ws) - 1)
-                   for ws in [normalize(raw.rstrip("*")).split()] for i, w in enumerate(ws))
+                   for ws in [normalize(raw.rstrip("*"), table).split()] for i, w in enumerate(ws))
     return out
 
 
-def phrase_regex(phrase: str, gap: int = 2) -> str:
+def phrase_regex(phrase: str, gap: int = 2, table: Mapping[str, str] | None = None) -> str:
     """A plain phrase -> a regex on normalised text: its words in order, up to `gap` other words between them
     (never across a sentence end); a trailing '*' allows any ending."""
-    parts = [regex.escape(w) + (r"\w*" if stem else "") for w, stem in phrase_words(phrase)]
+    parts = [regex.escape(w) + (r"\w*" if stem else "") for w, stem in phrase_words(phrase, table)]
     joiner = (r"(?:\s+[^\s.!?;\u0964]+){0," + str(gap) + r"}?\s+") if gap else r"\s+"
     return r"(?<![\w'])" + joiner.join(parts) + r"(?![\w'])"
 
@@ -122,8 +134,15 @@ def sentence_of(text: str, start: int, end: int) -> str:
     return text[left : right_m.start() if right_m else len(text)]
 
 
-def compile_cue(source: str, is_regex: bool) -> regex.Pattern[str]:
-    return regex.compile(strip_accents(source) if is_regex else phrase_regex(source, gap=0), regex.IGNORECASE)
+@lru_cache(maxsize=None)
+def compiled(pattern: str) -> regex.Pattern[str]:
+    """Every triage pattern, compiled once a process (case-blind). The packaged data holds ~3,400 of them and
+    a clinic file, a test or a reload builds the rules again: recompiling took ~3 s each time."""
+    return regex.compile(pattern, regex.IGNORECASE)
+
+
+def compile_cue(source: str, is_regex: bool, table: Mapping[str, str] | None = None) -> regex.Pattern[str]:
+    return compiled(strip_accents(source) if is_regex else phrase_regex(source, gap=0, table=table))
 
 
 @dataclass
@@ -144,9 +163,11 @@ class Context:
         correction (a correction can break an idiom: "these fees" -> "there fees"); positions in it are
         close to those in `text` (one edit a word), so its idioms and sentence are checked too."""
         before = text[max(0, m.start() - self.NEGATION_WINDOW) : m.start()]
-        # A long match ("pregnant ... bleeding") can hold its own negation: "pregnant, no bleeding".
+        # A long match ("pregnant ... bleeding") can hold its own negation: "pregnant, no bleeding". Its first
+        # word is the phrase's own ("not breathing", "no pulse"): a negation there is the danger, not a cancel.
+        first = text.find(" ", m.start(), m.end())
         last = text.rfind(" ", m.start(), m.end()) + 1
-        inside = text[max(m.start(), last - self.NEGATION_WINDOW) : last] if last > m.start() else ""
+        inside = text[max(first, last - self.NEGATION_WINDOW) : last] if first >= 0 and last > first else ""
         if any(n.search(before) or (inside and n.search(inside)) for n in self._ends("negation")):
             return "negation"
         after = text[m.end() : m.end() + self.AFTER_WINDOW]
@@ -218,7 +239,7 @@ class Context:
             pats = []
             for p in self.cues.get(kind, ()):
                 src = p.pattern
-                pats.append(p if src.endswith("$") or src.startswith("^") else regex.compile(shape.replace("{}", src), regex.I))
+                pats.append(p if src.endswith("$") or src.startswith("^") else compiled(shape.replace("{}", src)))
             self._anchored_cache[key] = pats
         return self._anchored_cache[key]
 
@@ -237,11 +258,11 @@ class Context:
             norm = pat.sub(" ", norm)
         return regex.findall(r"[\p{L}\p{M}][\p{L}\p{M}']+", norm)
 
-    def carried_facts(self, earlier: Sequence[str]) -> str:
-        """The sentences of earlier user turns that state an age, a pregnancy, ... (normalised)."""
+    def carried_facts(self, earlier: Sequence[str], table: Mapping[str, str] | None = None) -> str:
+        """The sentences of earlier user turns that state an age, a pregnancy, ... (normalised with `table`)."""
         out = []
         for turn in earlier[-6:]:
-            for sent in SENTENCE.split(normalize(turn)):
+            for sent in SENTENCE.split(normalize(turn, table)):
                 if self._any("facts", sent):
                     out.append(sent.strip())
         return " . ".join(s for s in out if s)

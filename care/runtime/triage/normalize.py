@@ -7,7 +7,7 @@
 - Words are found with Unicode word boundaries (the `regex` library: its \\w includes combining marks), so
   a word stays whole in any script.
 - Letters repeated 3+ times are squeezed to 2 ("pleeease", "बहुतततत"); SMS spellings are expanded ("u",
-  "cant", "jsuis", "xq", "vc", "plz") from the table below and the `sms:` sections of the language files.
+  "cant", "jsuis", "xq", "vc", "plz") from the message language's table below and the `sms:` sections.
 """
 
 from __future__ import annotations
@@ -17,33 +17,54 @@ from collections.abc import Mapping
 
 import regex
 
-# SMS / chat spellings -> words the rules know. Tokens only (whole words). Language files add theirs.
-SMS = {
-    "u": "you", "ur": "your", "r": "are", "pls": "please", "plz": "please", "plss": "please",
-    "cant": "can't", "dont": "don't", "wont": "won't", "isnt": "isn't", "doesnt": "doesn't",
-    "didnt": "didn't", "hasnt": "hasn't", "wasnt": "wasn't", "aint": "isn't", "couldnt": "couldn't",
-    "im": "i'm", "ive": "i've", "hes": "he's", "shes": "she's", "theyre": "they're", "thats": "that's",
-    "whats": "what's", "bc": "because", "cuz": "because", "coz": "because", "bcuz": "because",
-    "w/": "with", "w/o": "without", "bby": "baby", "bb": "baby", "dr": "doctor", "2day": "today",
-    "gonna": "going to", "wanna": "want to", "gotta": "got to", "yr": "year", "yrs": "years",
-    "y/o": "years old", "yo": "years old", "wk": "week", "wks": "weeks", "hr": "hour", "hrs": "hours",
-    "min": "minute", "mins": "minutes", "abt": "about", "bcoz": "because", "sth": "something",
-    "smth": "something", "ppl": "people", "lil": "little", "hosp": "hospital", "asap": "now",
-    "mom": "mum", "mommy": "mum", "meds": "medicine", "b4": "before", "2nite": "tonight", "rn": "right now",
-    "idk": "i don't know", "n": "and", "&": "and", "bf": "boyfriend", "gf": "girlfriend",
-    # French
-    "jsuis": "je suis", "chui": "je suis", "jveux": "je veux", "jpeux": "je peux", "jsais": "je sais",
-    "pk": "pourquoi", "pq": "pourquoi", "tt": "tout", "ds": "dans", "bcp": "beaucoup", "svp": "s'il vous plait",
-    "stp": "s'il te plait", "qd": "quand", "mtn": "maintenant", "jpp": "je peux plus", "jpe": "je peux",
-    "c": "c'est", "ya": "il y a", "koi": "quoi", "ms": "mais",
-    # Spanish
-    "q": "que", "xq": "porque", "porq": "porque", "tb": "tambien", "tmb": "tambien", "x": "por",
-    "d": "de", "k": "que", "ke": "que", "toy": "estoy", "ta": "esta", "pa": "para", "hno": "hermano",
-    # Portuguese
-    "vc": "voce", "vcs": "voces", "tbm": "tambem", "mto": "muito", "mt": "muito", "hj": "hoje",
-    "nao": "nao", "n/": "nao", "ngm": "ninguem", "qdo": "quando", "qnd": "quando", "agr": "agora",
-    "cmg": "comigo", "fds": "fim de semana", "blz": "beleza", "obg": "obrigado",
+# SMS / chat spellings -> words the rules know, by language. Tokens only (whole words). Language files add
+# theirs. A message is expanded with its own language's table (and English's, for the languages that mix in
+# English: sms_table), never all of them: many keys are words elsewhere. Spanish "ya no respira" is not
+# French "il y a", "yo" is not "years old" in Spanish, and romanised Hindi "ke" is not Spanish "que".
+SMS_BY_LANG = {
+    "en": {
+        "u": "you", "ur": "your", "r": "are", "pls": "please", "plz": "please", "plss": "please",
+        "cant": "can't", "dont": "don't", "wont": "won't", "isnt": "isn't", "doesnt": "doesn't",
+        "didnt": "didn't", "hasnt": "hasn't", "wasnt": "wasn't", "aint": "isn't", "couldnt": "couldn't",
+        "im": "i'm", "ive": "i've", "hes": "he's", "shes": "she's", "theyre": "they're", "thats": "that's",
+        "whats": "what's", "bc": "because", "cuz": "because", "coz": "because", "bcuz": "because",
+        "w/": "with", "w/o": "without", "bby": "baby", "bb": "baby", "dr": "doctor", "2day": "today",
+        "gonna": "going to", "wanna": "want to", "gotta": "got to", "yr": "year", "yrs": "years",
+        "y/o": "years old", "yo": "years old", "wk": "week", "wks": "weeks", "hr": "hour", "hrs": "hours",
+        "min": "minute", "mins": "minutes", "abt": "about", "bcoz": "because", "sth": "something",
+        "smth": "something", "ppl": "people", "lil": "little", "hosp": "hospital", "asap": "now",
+        "mom": "mum", "mommy": "mum", "meds": "medicine", "b4": "before", "2nite": "tonight", "rn": "right now",
+        "idk": "i don't know", "n": "and", "&": "and", "bf": "boyfriend", "gf": "girlfriend",
+    },
+    "fr": {
+        "jsuis": "je suis", "chui": "je suis", "jveux": "je veux", "jpeux": "je peux", "jsais": "je sais",
+        "pk": "pourquoi", "pq": "pourquoi", "tt": "tout", "ds": "dans", "bcp": "beaucoup",
+        "svp": "s'il vous plait", "stp": "s'il te plait", "qd": "quand", "mtn": "maintenant",
+        "jpp": "je peux plus", "jpe": "je peux", "c": "c'est", "ya": "il y a", "koi": "quoi", "ms": "mais",
+    },
+    "es": {
+        "q": "que", "xq": "porque", "porq": "porque", "tb": "tambien", "tmb": "tambien", "x": "por",
+        "d": "de", "k": "que", "ke": "que", "toy": "estoy", "ta": "esta", "pa": "para", "hno": "hermano",
+    },
+    "pt": {
+        "vc": "voce", "vcs": "voces", "tbm": "tambem", "mto": "muito", "mt": "muito", "hj": "hoje",
+        "nao": "nao", "n/": "nao", "ngm": "ninguem", "qdo": "quando", "qnd": "quando", "agr": "agora",
+        "cmg": "comigo", "fds": "fim de semana", "blz": "beleza", "obg": "obrigado",
+    },
 }
+MIXES_ENGLISH = frozenset({"en", "hi", "bn", "sw"})  # code-mixed with English SMS spellings ("pls", "u")
+SMS = SMS_BY_LANG["en"]
+
+
+def sms_table(lang: str, extra: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, str]:
+    """The spellings a message in `lang` is expanded with: English's where it mixes in, its own, then the
+    `extra` tables (a clinic's, by language; "*" for every language)."""
+    extra = extra or {}
+    table = dict(SMS_BY_LANG["en"]) if lang in MIXES_ENGLISH else {}
+    for part in (SMS_BY_LANG.get(lang, {}), extra.get("*", {}), extra.get(lang, {})):
+        table.update(part)
+    return table
+
 
 _LATIN_MAX = 0x024F  # Basic Latin .. Latin Extended-B
 _LATIN_EXT = (0x1E00, 0x1EFF)  # Latin Extended Additional (Vietnamese etc.)
@@ -95,7 +116,7 @@ def script_of(text: str) -> str:
 
 
 def normalize(text: str, sms: Mapping[str, str] | None = None) -> str:
-    """The normalised text (see the module docstring); `sms`: the spelling table (default: SMS)."""
+    """The normalised text (see the module docstring); `sms`: the spelling table (default: English's)."""
     table = SMS if sms is None else sms
     t = fold_marks(ascii_digits(text.lower())).translate(_QUOTES)
     t = _REPEAT.sub(r"\1\1", t)

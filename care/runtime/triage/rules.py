@@ -32,11 +32,12 @@ from care.runtime.triage.lexicon import (
     Context,
     TypoIndex,
     compile_cue,
+    compiled,
     pattern_words,
     phrase_regex,
     phrase_words,
 )
-from care.runtime.triage.normalize import SMS, strip_accents
+from care.runtime.triage.normalize import sms_table, strip_accents
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +100,17 @@ class Rules:
     lang_model: classifier.LinearModel | None = None
     disabled: frozenset[str] = frozenset()
     typo: TypoIndex | None = None
-    sms: dict[str, str] = field(default_factory=lambda: dict(SMS))
+    sms: dict[str, dict[str, str]] = field(default_factory=dict)  # language -> the language files' spellings
 
     def __post_init__(self) -> None:
         self.words = frozenset().union(*(r.words for r in self.rules)) if self.rules else frozenset()
+        self._sms_cache: dict[str, dict[str, str]] = {}
+
+    def sms_for(self, lang: str) -> dict[str, str]:
+        """The SMS spellings a message in `lang` is read with (normalize.sms_table)."""
+        if lang not in self._sms_cache:
+            self._sms_cache[lang] = sms_table(lang, self.sms)
+        return self._sms_cache[lang]
 
     def number(self, lang: str) -> str:
         num = self.emergency_number
@@ -141,7 +149,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     except OSError as exc:
         raise ConfigError(f"Cannot read the safety rules file: {exc.strerror}", path=path,
                           hint="Check the path (care triage --rules FILE)") from exc
@@ -157,7 +165,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def _compile(pattern: str, path: Path, key: str) -> regex.Pattern[str]:
     # Matched against normalize()d text, so Latin accents are stripped from the pattern too.
     try:
-        return regex.compile(strip_accents(pattern), regex.IGNORECASE)
+        return compiled(strip_accents(pattern))
     except regex.error as exc:
         raise ConfigError(f"`{key}` has a bad pattern {pattern!r}: {exc}", path=path,
                           hint="Fix the regular expression (Python syntax)") from exc
@@ -198,8 +206,9 @@ def add_language(data: dict[str, Any], lang_data: dict[str, Any], path: Path) ->
     for kind, items in (lang_data.get("context") or {}).items():
         if kind not in CUE_KINDS:
             raise ConfigError(f"`context.{kind}` is not a cue kind", path=path, hint=f"Use one of: {', '.join(CUE_KINDS)}")
-        cues.setdefault(kind, []).extend(str(i) for i in items or [])
-    data.setdefault("sms", {}).update({str(k): str(v) for k, v in (lang_data.get("sms") or {}).items()})
+        cues.setdefault(kind, {}).setdefault(lang, []).extend(str(i) for i in items or [])
+    data.setdefault("sms", {}).setdefault(lang, {}).update(
+        {str(k): str(v) for k, v in (lang_data.get("sms") or {}).items()})
     # `<key>_latin`: the romanised variant (Hinglish, Banglish), read by writers who type that way ("hi-Latn").
     for suffix, key_lang in (("", lang), ("_latin", f"{lang}-Latn")):
         for cat, text in (lang_data.get("notices" + suffix) or {}).items():
@@ -252,7 +261,8 @@ def merge(base: dict[str, Any], override: dict[str, Any], path: Path) -> dict[st
 
 def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
           model: classifier.LinearModel | None = None, lang_model: classifier.LinearModel | None = None) -> Rules:
-    rules, words = [], []
+    rules, words = [], {}  # words: language -> the pattern and phrase sources (the typo vocabulary)
+    sms = {str(k): {str(a): str(b) for a, b in (v or {}).items()} for k, v in (data.get("sms") or {}).items()}
     for i, raw in enumerate(data.get("rules") or []):
         rid = str(raw.get("id", f"rules[{i}]"))
         if not raw.get("category"):
@@ -260,17 +270,18 @@ def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
         pats: list[regex.Pattern[str]] = []
         srcs: list[str] = []
         needs: dict[int, tuple[str, ...]] = {}
-        for _lang, items in _by_language(raw.get("patterns")).items():
+        for lang, items in _by_language(raw.get("patterns")).items():
             for p in items:
                 pats.append(_compile(p, path, f"rules.{rid}.patterns"))
                 srcs.append(p)
-                words.append(p)
-        for _lang, items in _by_language(raw.get("phrases")).items():
+                words.setdefault(lang, []).append(p)
+        for lang, items in _by_language(raw.get("phrases")).items():
             for p in items:
-                needs[len(pats)] = tuple(w for w, _ in phrase_words(p))
-                pats.append(_compile(phrase_regex(p), path, f"rules.{rid}.phrases"))
+                table = sms_table(lang, sms)  # a phrase is spelt as a message in its language is read
+                needs[len(pats)] = tuple(w for w, _ in phrase_words(p, table))
+                pats.append(_compile(phrase_regex(p, table=table), path, f"rules.{rid}.phrases"))
                 srcs.append(p)
-                words.append(p)
+                words.setdefault(lang, []).append(p)
         rules.append(Rule(rid, str(raw["category"]), pats, srcs, bool(raw.get("enabled", True)),
                           bool(raw.get("always_flag", False)), needs))
     langs = data.get("languages") or ["en"]
@@ -278,7 +289,8 @@ def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
     cues: dict[str, list[regex.Pattern[str]]] = {}
     for kind in CUE_KINDS:
         cues[kind] = [_compile(p, path, kind) for p in data.get(kind) or []]
-        cues[kind] += [compile_cue(p, is_regex=False) for p in (data.get("cue_phrases") or {}).get(kind, [])]
+        for lang, items in _by_language((data.get("cue_phrases") or {}).get(kind)).items():
+            cues[kind] += [compile_cue(p, is_regex=False, table=sms_table(lang, sms)) for p in items]
     disabled = {c for c, v in (data.get("categories") or {}).items() if not (v or {}).get("enabled", True)}
     by_cat: dict[str, list[bool]] = {}
     for r in rules:
@@ -295,8 +307,8 @@ def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
                  emergency_number=data.get("emergency_number") or "your local emergency number",
                  context=Context(cues), disclaimer=data.get("disclaimer") or {},
                  not_a_doctor=data.get("not_a_doctor") or {}, sources=sources, model=model,
-                 lang_model=lang_model, disabled=frozenset(disabled), typo=TypoIndex(pattern_words(words)),
-                 sms={**SMS, **(data.get("sms") or {})})
+                 lang_model=lang_model, disabled=frozenset(disabled), typo=TypoIndex({k: pattern_words(v) for k, v in words.items()}),
+                 sms=sms)
 
 
 def load_rules(override: Path | None = None, classifier_on: bool = True) -> Rules:
