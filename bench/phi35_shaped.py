@@ -6,11 +6,12 @@ building it needs ~1 GB of memory, not the model's 7.6 GB. The vocabulary is lla
 models/ggml-vocab-phi-3.gguf (the real 32,064-token Phi-3 SentencePiece vocabulary, which `care export
 setup` extracts), read by transformers' GGUF tokenizer loader; the chat template is Phi-3.5-mini-instruct's.
 
-    .venv/bin/python bench/phi35_shaped.py OUT_DIR
+    .venv/bin/python bench/phi35_shaped.py OUT_DIR [--seed N]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -228,5 +229,15 @@ def write_phi35_shaped_hf(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def main(argv: list[str] | None = None) -> int:
+    # Parsed before anything is imported or written: `--help` once became the output folder of a 7.64 GB model.
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, metavar="OUT_DIR", help="the folder to write (reused if already complete)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    args = ap.parse_args(argv)
+    write_phi35_shaped_hf(args.out, seed=args.seed)
+    return 0
+
+
 if __name__ == "__main__":
-    write_phi35_shaped_hf(Path(sys.argv[1]))
+    sys.exit(main())

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 GB = 1e9
 # What each stage needs, in GB. ESTIMATES from parameter counts x bytes per weight (SmolLM2-135M: 0.135B,
-# Phi-3.5-mini: 3.82B), except where marked measured (README, bench/phone_profile.py: the Phi-3.5-shaped
+# Phi-3.5-mini: 3.82B), except where marked measured (docs/bundle-and-phones.md, bench/phone_profile.py: the Phi-3.5-shaped
 # Q4_K_M is 2.40 GB and chats at 3.15 GB peak RSS with the phone profile). Why each figure:
 #   train  - Phi-3.5: the 7.6 GB bf16 base on disk, NF4 on the GPU (gpu_check.sh measures the 14 GB target);
 #            RAM for loading shard by shard. SmolLM2: the dequantized fp32 base (0.54 GB) cached, CPU training.
@@ -51,7 +51,7 @@ STAGE_NEEDS: dict[str, dict[str, dict[str, float]]] = {
 # care merge on a GPU: the fp32 base (15.3 GB) and the NF4 copy (~2.2 GB) both on the GPU (estimate).
 PHI35_MERGE_GPU_GB = 17.5
 NEEDS_SOURCE = ("estimates from parameter counts x bytes per weight (SmolLM2 0.135B, Phi-3.5-mini 3.82B; merge "
-                "and export verification hold an fp32 copy); Phi-3.5 chat figures measured (README: Q4_K_M 2.40 GB, "
+                "and export verification hold an fp32 copy); Phi-3.5 chat figures measured (docs/bundle-and-phones.md: Q4_K_M 2.40 GB, "
                 "phone profile 3.15 GB peak RSS); Phi-3.5 train GPU figure is the 14 GB target, not a measurement")
 # CPU features llama.cpp reports in its system info, and the /proc/cpuinfo flag for each.
 CPU_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",

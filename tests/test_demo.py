@@ -134,6 +134,7 @@ def test_a_different_recipe_never_reuses_an_old_run(tmp_path, tiny_llama):
     assert (out / "recipe.yaml").read_text(encoding="utf-8") == "name: something-else\n"
 
 
+@pytest.mark.slow  # ~30-40 s on 2 cores: the end-to-end run goes to the slow pass (CI runs it)
 def test_tiny_pipeline_end_to_end(tmp_path, tiny_llama):
     """The glue on a tiny random Llama: train, merge, export (the base gets exported too, since it is not
     the embedded GGUF), before/after through the runtime engine, report."""

@@ -89,6 +89,54 @@ def test_medqa_loader(tmp_path):
         B.load_medqa(f)
 
 
+def test_medqa_original_shape_item(tmp_path):
+    """The original shape (question, options {A..D}, answer_idx), field by field."""
+    f = tmp_path / "orig.jsonl"
+    f.write_text(json.dumps({"question": "Which nerve?", "answer": "radial", "answer_idx": "B",
+                             "options": {"A": "ulnar", "B": "radial", "C": "median", "D": "axillary"},
+                             "meta_info": "step1"}) + "\n")
+    (it,) = B.load_medqa(f)
+    assert (it.id, it.benchmark, it.subject, it.question) == ("medqa-1", "medqa", "step1", "Which nerve?")
+    assert (it.options, it.answer, it.answer_letter) == (["ulnar", "radial", "median", "axillary"], 1, "B")
+
+
+def test_medqa_hf_shape_reads_like_the_original(tmp_path):
+    """The Hugging Face shape lm-evaluation-harness's medqa_4options reads (sent1, ending0..3, label) gives the
+    same items, and so the same prompts, as the original shape of the same questions."""
+    questions = [("Which nerve?", ["ulnar", "radial", "median", "axillary"], 1),
+                 ("Which drug?", ["aspirin", "heparin", "warfarin", "insulin"], 3)]
+    orig, hf = tmp_path / "orig.jsonl", tmp_path / "hf.jsonl"
+    orig.write_text("".join(json.dumps({"id": f"q{i}", "question": q, "answer_idx": "ABCD"[a],
+                                        "options": dict(zip("ABCD", o, strict=True))}) + "\n"
+                            for i, (q, o, a) in enumerate(questions)))
+    hf.write_text("".join(json.dumps({"id": f"q{i}", "sent1": q, "sent2": "", "label": a,
+                                      **{f"ending{j}": e for j, e in enumerate(o)}}) + "\n"
+                          for i, (q, o, a) in enumerate(questions)))
+    a, b = B.load_medqa(orig), B.load_benchmark("medqa", None, medqa_file=hf)
+    assert [it.to_dict() for it in b] == [it.to_dict() for it in a]
+    assert [(it.question, it.options, it.answer_letter, it.subject) for it in b] == [
+        ("Which nerve?", ["ulnar", "radial", "median", "axillary"], "B", "usmle"),
+        ("Which drug?", ["aspirin", "heparin", "warfarin", "insulin"], "D", "usmle")]
+    assert [B.build_prompt(it) for it in b] == [B.build_prompt(it) for it in a]
+    assert "B. radial\nC. median\nD. axillary\nAnswer:" in B.build_prompt(b[0])
+
+
+@pytest.mark.parametrize(("row", "field"), [
+    ({"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "label": 0}, "ending3"),
+    ({"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d"}, "label"),
+    ({"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 4}, "label=4"),
+    ({"sent1": "Q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": "B"}, "label='B'"),
+])
+def test_medqa_hf_shape_malformed_row(tmp_path, row, field):
+    """A bad Hugging Face row is a DataError naming the file, the line and the field."""
+    f = tmp_path / "hf.jsonl"
+    good = {"sent1": "Q0?", "sent2": "", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", "label": 2}
+    f.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"hf\.jsonl:2") as exc:
+        B.load_medqa(f)
+    assert field in str(exc.value)
+
+
 def test_unknown_benchmark_and_bad_format(tmp_path, shared_data):
     with pytest.raises(EvalError, match="Unknown benchmark 'medmcq'") as exc:
         B.parse_bench_names("pubmedqa,medmcq")

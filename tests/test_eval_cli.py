@@ -58,6 +58,7 @@ def test_wrong_data_format_is_one_line(capsys, tmp_path):
     assert "Wrong data format" in err and "ori_pqal.json" in err
 
 
+@pytest.mark.slow  # ~30-40 s on 2 cores: the end-to-end run goes to the slow pass (CI runs it)
 def test_run_report_and_compare_on_embedded_gguf(capsys, tmp_path, shared_data):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     argv = ["eval", "run", "-m", "small=smollm2", "--limit", "3", "--seed", "4", "--threads", "1", "--n-ctx", "2048"]

@@ -30,6 +30,7 @@ def test_help_lists_subcommands(capsys):
         assert flag in out
 
 
+@pytest.mark.slow  # ~30-40 s on 2 cores: the end-to-end run goes to the slow pass (CI runs it)
 def test_cli_gguf_end_to_end(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["export", "gguf", str(tiny_llama), "--out", str(out), "--f16", "--q4_0", "--threads", "1",

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _common(r)
     r.add_argument("--bench", "-b", default="medmcqa,pubmedqa,mmlu_medical", help=BENCH_HELP)
     r.add_argument("--shots", "-k", type=int, default=0, help="few-shot examples per question (MMLU: 0..5 from dev)")
-    r.add_argument("--medqa-file", type=Path, default=None, help="MedQA-USMLE 4-option jsonl (options/answer_idx)")
+    r.add_argument("--medqa-file", type=Path, default=None, help="MedQA-USMLE 4-option jsonl: the original question/options/answer_idx lines or the Hugging Face sent1/ending0-3/label shape")
     r.set_defaults(module_run=run_mc)
     g = sub.add_parser("generate", help="generation metrics (ROUGE, BERTScore, PubMedQA decision F1)",
                        description="Generate answers greedily and score them against references.")

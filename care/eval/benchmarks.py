@@ -36,7 +36,7 @@ BENCHMARKS: dict[str, str] = {
     "medmcqa": "MedMCQA dev (4,183 four-option questions, 21 subjects)",
     "pubmedqa": "PubMedQA PQA-L test (500 questions, yes/no/maybe as A/B/C, abstract as context)",
     "mmlu_medical": "MMLU medical subjects (6 subjects, 1,089 test questions; dev for k-shot)",
-    "medqa": "MedQA-USMLE 4-option (jsonl with options/answer_idx; pass --medqa-file)",
+    "medqa": "MedQA-USMLE 4-option (jsonl: options/answer_idx or HF sent1/ending0-3/label; pass --medqa-file)",
 }
 
 
@@ -202,23 +202,58 @@ def load_mmlu_medical(data_dir: Path, subjects: Sequence[str] = MMLU_MEDICAL_SUB
     return items
 
 
+MEDQA_HINT = ("Expected MedQA-USMLE 4-option JSON lines, either the original shape (question, options {A..D}, "
+              "answer_idx) or the Hugging Face one that lm-evaluation-harness's medqa_4options reads "
+              "(sent1, ending0..ending3, label 0..3)")
+
+
+def _medqa_original(row: dict[str, Any]) -> tuple[str, list[str], int]:
+    """The original shape: question, options {A: .., B: ..} (or a list), answer_idx (a letter)."""
+    options = row["options"]
+    letters = sorted(options) if isinstance(options, dict) else list(LETTERS[: len(options)])
+    opts = [str(options[k]) for k in letters] if isinstance(options, dict) else [str(o) for o in options]
+    return str(row["question"]), opts, letters.index(str(row["answer_idx"]).strip())
+
+
+def _medqa_hf(row: dict[str, Any]) -> tuple[str, list[str], int]:
+    """The Hugging Face shape (GBaker/MedQA-USMLE-4-options-hf): sent1 the question, ending0..ending3 the
+    options A..D, label the 0-based correct ending. sent2 (empty there) is left out, as the harness does."""
+    for key in ("sent1", "ending0", "ending1", "ending2", "ending3", "label"):
+        if key not in row:
+            raise KeyError(key)
+    opts = [str(row[f"ending{i}"]) for i in range(4)]
+    while f"ending{len(opts)}" in row and len(opts) < len(LETTERS):  # a 5-option file reads the same way
+        opts.append(str(row[f"ending{len(opts)}"]))
+    label = row["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(opts):
+        raise ValueError(f"label={label!r} is not 0..{len(opts) - 1}")
+    return str(row["sent1"]), opts, label
+
+
+def _is_medqa_hf(row: dict[str, Any]) -> bool:
+    return "question" not in row and ("sent1" in row or "ending0" in row)
+
+
 def load_medqa(path: Path) -> list[MCItem]:
-    """MedQA-USMLE 4-option jsonl: question, options {A: .., B: ..}, answer_idx (a letter)."""
+    """MedQA-USMLE 4-option JSON lines in either public shape, told apart by the first row: the original
+    (question, options {A: .., B: ..}, answer_idx a letter) or Hugging Face's (sent1, ending0..ending3, label
+    0..3). Both become the same items: options lettered A.. in order, `answer` the index of the correct one."""
     path = Path(path)
     if not path.is_file():
         raise DataError("MedQA file not found", path=path,
                         hint="Pass the 4-option MedQA-USMLE jsonl with --medqa-file (it is not in ../shared/data)")
-    hint = "Expected MedQA-USMLE 4-option JSON lines with question, options {A..D} and answer_idx"
     items = []
-    for n, row in _json_lines(path, hint):
+    parse = None
+    for n, row in _json_lines(path, MEDQA_HINT):
+        if parse is None:
+            parse = _medqa_hf if _is_medqa_hf(row) else _medqa_original
+        shape = "Hugging Face" if parse is _medqa_hf else "original"
         try:
-            options = row["options"]
-            letters = sorted(options) if isinstance(options, dict) else list(LETTERS[: len(options)])
-            opts = [str(options[k]) for k in letters] if isinstance(options, dict) else [str(o) for o in options]
-            answer = letters.index(str(row["answer_idx"]).strip())
-            question = str(row["question"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise _bad(path, n, f"{type(exc).__name__} {exc}", hint) from exc
+            question, opts, answer = parse(row)
+        except KeyError as exc:
+            raise _bad(path, n, f"missing field {exc} ({shape} MedQA shape)", MEDQA_HINT) from exc
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _bad(path, n, f"{type(exc).__name__} {exc}", MEDQA_HINT) from exc
         items.append(MCItem(str(row.get("id", f"medqa-{n}")), "medqa", row.get("meta_info") or "usmle",
                             question, opts, answer))
     return items

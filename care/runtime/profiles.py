@@ -1,7 +1,7 @@
 """Device profiles: llama.cpp settings for a laptop and for a phone-class device (2 cores, <= 4 GB).
 
 Used by `care bench --profile`, `care chat --profile` and `care serve --profile`. The phone settings come
-from the trade-off table of bench/phone_profile.py (figures in the README).
+from the trade-off table of bench/phone_profile.py (figures in docs/bundle-and-phones.md).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     # `quant`: the export type for a phone (`care export gguf --phone --imatrix`), chosen by bench/phone_quant.py:
     # of the two types smaller than Q4_K_M, Q3_K_M with a domain importance matrix had the lower KL on SmolLM2
     # (0.101 vs IQ4_XS 0.111; Q4_K_M 0.038; without the matrix 0.160 / 0.241 / 0.061), and on the
-    # Phi-3.5-shaped model it is the smaller file (1.96 GB vs ~2.1 GB for IQ4_XS; figures in the README).
+    # Phi-3.5-shaped model it is the smaller file (1.96 GB vs ~2.1 GB for IQ4_XS; figures in docs/bundle-and-phones.md).
     "phone": {"threads": 2, "n_ctx": 4096, "ceiling_gb": 4.0, "type_k": "q8_0", "type_v": "q4_0",
               "flash_attn": True, "repack": True, "use_mmap": False, "quant": "q3_k_m"},
 }

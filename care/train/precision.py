@@ -1,6 +1,6 @@
 """Training precision by device capability: one pure decision function, and the device probe that feeds it.
 
-The rule (README "On a GPU" has it as a table):
+The rule (docs/gpu.md has it as a table):
 - NVIDIA compute capability >= 8.0 (Ampere A100/A10/RTX 30xx and newer): bfloat16 compute.
 - NVIDIA 6.0 <= capability < 8.0 (Pascal P100, Volta V100, Turing T4): float16 compute, float32 LoRA weights and
   loss scaling (TrainingArguments fp16=True -> a GradScaler), which is what peft and transformers expect: peft's
