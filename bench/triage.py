@@ -70,18 +70,13 @@ def measure_set(name: str, rows: list[data.Row], rules: rules_mod.Rules, key: st
         for g, vs in sorted(groups.items()):
             rate = line(g, sum(v.emergency for v in vs), len(vs), target, f"{key}.{attr}.{g}")
             worst[attr] = min(worst.get(attr, 1.0), rate)
-    print(" false alarms per kind of negative")
-    groups = defaultdict(list)
-    for r, v in neg:
-        groups[r.kind].append(v)
-    for g, vs in sorted(groups.items()):
-        line(g, sum(v.emergency for v in vs), len(vs), "", f"{key}.negatives.{g}")
-    print(" false alarms per language")
-    groups = defaultdict(list)
-    for r, v in neg:
-        groups[r.group].append(v)
-    for g, vs in sorted(groups.items()):
-        line(g, sum(v.emergency for v in vs), len(vs), "", f"{key}.negatives_lang.{g}")
+    for title, attr, tag in (("kind of negative", "kind", "negatives"), ("language", "group", "negatives_lang")):
+        print(f" false alarms per {title}")
+        groups = defaultdict(list)
+        for r, v in neg:
+            groups[getattr(r, attr)].append(v)
+        for g, vs in sorted(groups.items()):
+            line(g, sum(v.emergency for v in vs), len(vs), "", f"{key}.{tag}.{g}")
     out.update({f"worst_{k}": v for k, v in worst.items()})
     return out
 

@@ -112,6 +112,18 @@ def main() -> int:
         by_lang[r.group][0 if r.emergency else 1] += 1
     print(f"training rows: {len(rows)} ({sum(r.emergency for r in rows)} emergencies); shared negatives: "
           f"{len(shared_neg)}; by language (emergencies, negatives): {dict(sorted(by_lang.items()))}")
+    # Language first: en fr es pt sw hi bn (romanised Hindi / Bangla are hi / bn; the scripts decide the others).
+    # The cross-validation below reads each row as run time does, with this language model (its SMS table and
+    # typo vocabulary follow the language), never with whatever lang.npz an earlier build left behind.
+    lclasses = sorted({r.lang for r in rows if r.lang in data.LANGS})
+    labelled = [r for r, c in zip(rows, is_chq, strict=True) if r.lang in data.LANGS and not c]
+    lclf = fit(matrix([classifier_text(r.text, None) for r in labelled]), [r.lang for r in labelled],
+               np.ones(len(labelled)), lclasses)
+    to_model(lclf, lclasses, 0.5).save(opts.out / "lang.npz")
+    print(f"wrote {opts.out / 'lang.npz'} ({(opts.out / 'lang.npz').stat().st_size / 1e6:.2f} MB)")
+
+    global RULES
+    RULES = dataclasses.replace(RULES, lang_model=to_model(lclf, lclasses, 0.5))
     classes = sorted({classifier.NULL, *(r.category for r in rows if r.emergency)})
     y_rows = [r.category if r.emergency else classifier.NULL for r in rows]
     norms = [model_input(r) for r in rows]
@@ -152,14 +164,6 @@ def main() -> int:
     w = np.concatenate([row_w, np.full(len(shared_neg), SHARED_NEGATIVE_WEIGHT)])
     to_model(fit(x, y, w, classes), classes, best).save(opts.out / "model.npz")
     print(f"wrote {opts.out / 'model.npz'} ({(opts.out / 'model.npz').stat().st_size / 1e6:.2f} MB)")
-
-    # Language: en fr es pt sw hi bn (romanised Hindi / Bangla are hi / bn; the scripts decide the others).
-    lclasses = sorted({r.lang for r in rows if r.lang in data.LANGS})
-    labelled = [r for r, c in zip(rows, is_chq, strict=True) if r.lang in data.LANGS and not c]
-    lclf = fit(matrix([classifier_text(r.text, None) for r in labelled]), [r.lang for r in labelled],
-               np.ones(len(labelled)), lclasses)
-    to_model(lclf, lclasses, 0.5).save(opts.out / "lang.npz")
-    print(f"wrote {opts.out / 'lang.npz'} ({(opts.out / 'lang.npz').stat().st_size / 1e6:.2f} MB)")
 
     if not have_shared:
         return 0
