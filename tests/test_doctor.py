@@ -40,7 +40,7 @@ def test_report_on_this_machine_has_every_section(report):
     assert isinstance(report["shared_data"]["present"], bool)
     res = report["resources"]
     assert res["ram_available_gb"] > 0 and res["disk_free_gb"] > 0
-    assert res["needs_are"] == "estimates" and "README" in res["needs_source"]
+    assert res["needs_are"] == "estimates" and "docs/bundle-and-phones.md" in res["needs_source"]
     assert {(s["model"], s["stage"]) for s in res["stages"]} == {
         (m, st) for m, needs in doctor.STAGE_NEEDS.items() for st in needs}
     for p in report["problems"]:
