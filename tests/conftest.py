@@ -89,3 +89,10 @@ def smollm_engine(embedded_gguf):
                                                                             max_tokens=32)))
     yield engine
     engine.close()
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses the shared_data fixture carries the `shared_data` marker (`-m "not shared_data"`)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)

@@ -278,8 +278,7 @@ def test_missing_classifier_is_a_one_line_error_not_a_silent_lexicon_fallback(mo
 # -- floors on the dev sets (measured by bench/triage.py; never tuned on them) -------------------------------
 def test_dev_recall_and_false_alarm_floors(rules):
     rows = data.read_split("dev")
-    if not rows:
-        pytest.skip("no dev sets")
+    assert len(rows) > 1000  # the dev sets ship in the repo (care/data/triage/dev*.jsonl)
     emer = [r for r in rows if r.emergency]
     neg = [r for r in rows if not r.emergency]
     recall = sum(triage.assess(r.messages, rules).emergency for r in emer) / len(emer)

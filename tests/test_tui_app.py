@@ -376,9 +376,11 @@ def test_real_embedded_gguf_loads_in_a_worker_and_answers(embedded_gguf, store):
     async def run():
         app = create_app(engine_loader=loader_from_args(args), store=store, resume=False)
         async with app.run_test(size=SIZE) as pilot:
-            # The window is up and takes input before the model is there.
-            assert app.query_one("#loading").display or app.session is not None
+            # The window is up and takes input before the model is there: the input has focus at once, and the
+            # loading line is hidden once the engine is in.
+            assert app.focused is app.query_one("#input")
             await wait_for(pilot, lambda: app.session is not None, timeout=60)
+            assert not app.query_one("#loading").display and not app.loading
             status = str(app.query_one("#status").render())
             assert "Q4_1" in status and "/1024" in status
             await send_and_wait(pilot, "What is the capital of France?", timeout=120)
