@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import regex
 
@@ -134,7 +134,7 @@ def sentence_of(text: str, start: int, end: int) -> str:
     return text[left : right_m.start() if right_m else len(text)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def compiled(pattern: str) -> regex.Pattern[str]:
     """Every triage pattern, compiled once a process (case-blind). The packaged data holds ~3,400 of them and
     a clinic file, a test or a reload builds the rules again: recompiling took ~3 s each time."""
