@@ -32,9 +32,26 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "output") -> N
         )
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what open() would give a new file. The one file-mode rule for outputs:
+    mkstemp's 0600 would hide a shared model folder's files from other users (Ollama's server, a clinic's
+    second account)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
+def make_readable(path: str | os.PathLike[str]) -> None:
+    """Give a file written through a temp file the mode a plain open() would have given it."""
+    path = Path(path)
+    if path.is_file():
+        os.chmod(path, umask_mode())
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds."""
+    """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds (with the mode a
+    plain open() would give it: umask_mode)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".part", dir=target.parent)
@@ -42,6 +59,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        make_readable(tmp_path)
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)

@@ -30,13 +30,12 @@ from care.export.quantize import (
     FLOAT_TYPES,
     K_QUANT_BLOCK,
     is_k_quant,
-    make_readable,
     normalize_quant,
     quantize_many,
     quantize_with_tool,
     uses_256_blocks,
 )
-from care.io import write_json, write_text
+from care.io import make_readable, write_json, write_text
 
 log = logging.getLogger(__name__)
 

@@ -332,7 +332,7 @@ def convert_lora(src: AdapterSource, base: BaseModel, out_path: Path, outtype: s
                 raise ExportError(f"llama.cpp's LoRA converter failed: {proc.last_error()}", path=src.path,
                                   hint="Check --base is the model the adapter was trained on (CARE_DEBUG=1 for "
                                   "the full log)")
-    from care.export.quantize import make_readable
+    from care.io import make_readable
 
     make_readable(out_path)
     return {"converter": conv.name}

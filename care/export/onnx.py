@@ -32,7 +32,7 @@ from typing import Any
 from care.errors import ExportError, UsageError, VerificationError, require
 from care.export.manifest import file_records, public_name, source_record
 from care.export.manifest import manifest as make_manifest
-from care.io import check_free_space, write_json
+from care.io import check_free_space, make_readable, write_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for p in out.iterdir():
-        os.chmod(p, 0o644)
+        make_readable(p)
     result = OnnxExportResult(out_dir=out, precision=precision, int4_algo=algo, manifest_path=out / MARKER,
                               verify_report=report, size_bytes=sum(p.stat().st_size for p in out.iterdir()),
                               seconds=seconds)

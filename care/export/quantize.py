@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from care.errors import ExportError, UsageError
-from care.io import atomic_path, check_free_space
+from care.io import atomic_path, check_free_space, make_readable
 from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
@@ -194,14 +193,6 @@ def quantize_with_tool(
                                  round(time.perf_counter() - t0, 3))
     _log_fallbacks(results)
     return results
-
-
-def make_readable(path: Path) -> None:
-    """Temp files are created 0600; outputs are shared (Ollama's server often runs as another user)."""
-    if path.is_file():
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(path, 0o644 & ~mask)
 
 
 def _default_threads() -> int:

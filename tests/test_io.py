@@ -1,0 +1,33 @@
+"""care.io: the one atomic-write helper and its one file-mode rule."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from care.io import atomic_path, write_json, write_text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_mode_open_would_give_not_mkstemps_0600(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        text = write_text(tmp_path / "Modelfile", "FROM x\n")
+        manifest = write_json(tmp_path / "care_manifest.json", {"a": 1})
+        plain = tmp_path / "plain"
+        plain.write_text("x")  # what open() gives, the reference
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE(plain.stat().st_mode)
+    assert want == 0o666 & ~umask
+    assert stat.S_IMODE(text.stat().st_mode) == want and stat.S_IMODE(manifest.stat().st_mode) == want
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
+    target = write_text(tmp_path / "keep.txt", "old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("stopped")
+    assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
