@@ -122,6 +122,21 @@ def test_modelfile_points_at_the_primary_file(llama_export):
     assert "PARAMETER num_ctx 4096" in text
     # SmolLM2's template inserts a default system prompt; Ollama must get the same one.
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+    assert not [n for n in result.notes if n.startswith("Modelfile:")]  # nothing degraded here
+
+
+def test_a_degraded_modelfile_is_a_note_in_the_manifest(tiny_llama, tmp_path):
+    src = tmp_path / "no-template"
+    shutil.copytree(tiny_llama, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    result = export_gguf(src, tmp_path / "out", quants=("f16",), n_threads=1, verify=False)
+    notes = [n for n in result.notes if n.startswith("Modelfile:")]
+    assert notes and "no known chat template" in notes[0]
+    assert json.loads(result.manifest_path.read_text())["notes"] == result.notes
+    assert "Ollama uses the template stored in the GGUF" in result.modelfile_path.read_text()
 
 
 @pytest.mark.slow

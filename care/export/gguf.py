@@ -253,6 +253,13 @@ def export_gguf(
     from care.export.modelfile import default_system_prompt, detect_format, render_modelfile
 
     template, system = _hf_template_and_system(src.path)
+    # A degraded Modelfile still works, but the user must hear of it: a note in the manifest, printed by the CLI.
+    if detect_format(template) is None:
+        notes.append("Modelfile: no known chat template in the HF model, so Ollama uses the one stored in the "
+                     "GGUF (check `ollama run` answers in turns)")
+    if not eot:
+        notes.append("Modelfile: no end-of-turn token found, so it sets no stop for it (Ollama may run past the "
+                     "end of a reply; add `PARAMETER stop` by hand)")
     primary = _primary(wanted)
     modelfile = out / "Modelfile"
     write_text(modelfile, render_modelfile(
