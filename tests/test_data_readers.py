@@ -158,7 +158,9 @@ def test_medquad_bitext_banking_medmcqa_readers(shared_data):
     drop = read_source(bitext, "bitext", bad, limit=200, options={"placeholders": "drop"})
     assert any("{{" in r.response for r in keep) and not any("{{" in r.response for r in strip)
     assert not any("{{" in r.response for r in drop) and len(drop) == 200
-    assert keep[0].query == strip[0].query.replace("{{", "").replace("}}", "") or "{{" not in keep[0].query
+    unbrace = lambda t: t.replace("{{", "").replace("}}", "")  # noqa: E731 - strip = the same rows, braces removed
+    assert len(keep) == len(strip) and all(unbrace(k.query) == s.query and unbrace(k.response) == s.response
+                                           for k, s in zip(keep, strip, strict=True))
     b77 = read_source(shared_data / "banking77" / "train.csv", "banking77", bad, limit=5)
     assert b77[0].domain == "banking" and b77[0].response == "Intent: card arrival"
     mc = read_source(shared_data / "medmcqa" / "dev.json", "medmcqa", bad, limit=5)
