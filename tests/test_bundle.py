@@ -27,7 +27,7 @@ def _fake_common(folder: Path, payload: dict[str, bytes], env: str) -> Path:
                       "bundle.json": b"{}\n", "bundle.env": env.encode()}.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(data)
-    (folder / "install.sh").write_text(bundle._template("install.sh"))
+    (folder / "install.sh").write_text(bundle.template("install.sh"))
     (folder / "install.sh").chmod(0o755)
     bundle._manifest(folder)
     return folder

@@ -156,11 +156,11 @@ def test_termux_script_builds_the_runtime_venv_and_installs(tmp_path, embedded_g
     if reason:
         pytest.skip(reason)
     from care.toolchain import llamacpp
-    from care.toolchain.bundle import _template, build_bundle
+    from care.toolchain.bundle import build_bundle, template
 
     bundle = build_bundle(embedded_gguf, tmp_path / "care-bundle")
     folder = bundle.folder
-    (folder / "termux-build.sh").write_text(_template("termux-build.sh"))
+    (folder / "termux-build.sh").write_text(template("termux-build.sh"))
     wheel = llamacpp.find_wheel()
     assert wheel is not None
     prefix = tmp_path / "phone" / "care-edge"

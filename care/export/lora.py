@@ -389,14 +389,14 @@ def _kl_between(p_logits: list[Any], q_logits: list[Any], seqs: list[list[int]])
     """Mean KL(P || Q) per token between two llama.cpp runs over the same tokens."""
     import numpy as np
 
-    from care.export.verify import _logit_metrics
+    from care.export.verify import logit_metrics
 
     def log_softmax(x: Any) -> Any:
         x = x.astype(np.float64)
         x = x - x.max(axis=-1, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
-    return _logit_metrics([log_softmax(p) for p in p_logits], q_logits, seqs)["kl_mean"]
+    return logit_metrics([log_softmax(p) for p in p_logits], q_logits, seqs)["kl_mean"]
 
 
 def verify_adapter(adapter_gguf: Path, base_gguf: Path, merged_hf: Path, merged_gguf: Path | None,

@@ -172,10 +172,10 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
     and a greedy reply generated through onnxruntime-genai."""
     import numpy as np
 
-    from care.export.verify import EVAL_TEXTS, TOKENIZER_CORPUS, _hf_reference, _logit_metrics
+    from care.export.verify import EVAL_TEXTS, TOKENIZER_CORPUS, hf_reference, logit_metrics
 
     onnx_dir, hf_dir = Path(onnx_dir), Path(hf_model_dir)
-    ref = _hf_reference(hf_dir, max_tokens, EVAL_TEXTS)
+    ref = hf_reference(hf_dir, max_tokens, EVAL_TEXTS)
     with tempfile.TemporaryDirectory(prefix="care-onnx-verify-") as tmp:
         job = {"onnx_dir": str(onnx_dir), "seqs": ref["seqs"], "corpus": list(TOKENIZER_CORPUS),
                "prompt": next((c["text"] for c in ref["chats"] if "text" in c), None), "gen_tokens": gen_tokens,
@@ -189,7 +189,7 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
             raise VerificationError(f"onnxruntime-genai could not run the model: {last[:300]}", path=onnx_dir)
         res = json.loads(res_path.read_text(encoding="utf-8"))
         logits = [np.load(f) for f in res["logit_files"]]
-        metrics = _logit_metrics(ref["logprobs"], logits, ref["seqs"])
+        metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
     small, large = KL_LIMITS[precision]
     limit = small if ref["n_params"] < 1_000_000_000 else large
     failures = []

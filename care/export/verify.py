@@ -180,7 +180,7 @@ def read_gguf_metadata(path: Path) -> dict[str, Any]:
 # HF reference
 
 
-def _hf_reference(hf_dir: Path, max_tokens: int, texts: tuple[str, ...], dtype: str = "float32") -> dict[str, Any]:
+def hf_reference(hf_dir: Path, max_tokens: int, texts: tuple[str, ...], dtype: str = "float32") -> dict[str, Any]:
     """Everything needed from the HF side, computed once for all the files being verified."""
     import numpy as np
     import torch
@@ -290,7 +290,7 @@ def _worker(job_path: str) -> int:
 # comparison
 
 
-def _logit_metrics(ref_logprobs: list[Any], gguf_logits: list[Any], seqs: list[list[int]]) -> dict[str, float]:
+def logit_metrics(ref_logprobs: list[Any], gguf_logits: list[Any], seqs: list[list[int]]) -> dict[str, float]:
     import numpy as np
 
     agree = total = 0
@@ -369,7 +369,7 @@ def verify_many(
         from care.models import stored_dtype
 
         hf_dtype = stored_dtype(hf_dir)
-    ref = _hf_reference(hf_dir, max_tokens, texts, hf_dtype)
+    ref = hf_reference(hf_dir, max_tokens, texts, hf_dtype)
     report: dict[str, Any] = {"source": str(hf_dir.resolve()), "n_ctx": n_ctx, "hf_dtype": hf_dtype, "eval_tokens": sum(
         len(s) for s in ref["seqs"]), "hf_params": ref["n_params"], "files": {}, "failures": []}
     eot = ref["eot"]
@@ -385,7 +385,7 @@ def verify_many(
         with tempfile.TemporaryDirectory(prefix="care-verify-") as tmp:
             res = _run_worker(Path(path), job, Path(tmp), timeout)
             logits = [np.load(f) for f in res["seq_files"]]
-            metrics = _logit_metrics(ref["logprobs"], logits, ref["seqs"])
+            metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
         if logits_out is not None:
             logits_out[quant] = logits
             logits_out["hf"], logits_out["seqs"] = ref["logprobs"], ref["seqs"]

@@ -48,19 +48,19 @@ class PipelineReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["out_dir"] = str(self.out_dir)
-        return _jsonable(d)
+        return jsonable(d)
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """Plain JSON types for reports of other modules' result objects (dataclasses, Paths, numpy numbers)."""
     if hasattr(obj, "to_dict") and callable(obj.to_dict):
         obj = obj.to_dict()
     elif hasattr(obj, "__dataclass_fields__"):
         obj = asdict(obj)
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, (str, int, float, bool)) or obj is None:

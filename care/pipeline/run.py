@@ -8,7 +8,7 @@ from pathlib import Path
 from care.errors import ConfigError
 from care.io import write_text
 from care.pipeline.report import STAGES, PipelineReport, Reporter, StageRecord, save_report
-from care.pipeline.stages import STAGE_FUNCTIONS, PipelineOptions, RunContext, _machine
+from care.pipeline.stages import STAGE_FUNCTIONS, PipelineOptions, RunContext, machine_summary
 from care.train.config import Recipe
 
 
@@ -30,7 +30,7 @@ def run_pipeline(recipe: Recipe, out_dir: str | Path, *, smoke: bool = False,
     write_text(out / "recipe.yaml", recipe.to_yaml())
     rep = PipelineReport(recipe_name=recipe.name, out_dir=out.resolve(),
                          recipe_path=str(recipe.path) if recipe.path else None, smoke=smoke,
-                         stages=[StageRecord(n) for n in STAGES], machine=_machine(opts.threads))
+                         stages=[StageRecord(n) for n in STAGES], machine=machine_summary(opts.threads))
     ctx = RunContext(recipe=recipe, out=out, options=opts, reporter=reporter, report=rep)
     t_all = time.perf_counter()
     for i, name in enumerate(STAGES, 1):

@@ -17,7 +17,7 @@ from typing import Any
 
 from care.errors import ConfigError
 from care.pipeline.recipe import QUESTIONS
-from care.pipeline.report import PipelineReport, Reporter, StageRecord, _jsonable
+from care.pipeline.report import PipelineReport, Reporter, StageRecord, jsonable
 from care.train.config import Recipe
 
 
@@ -35,7 +35,7 @@ def default_out_dir(name: str = "demo") -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _machine(threads: int | None) -> dict[str, Any]:
+def machine_summary(threads: int | None) -> dict[str, Any]:
     import torch
 
     from care.runtime.threads import usable_cpus
@@ -144,13 +144,13 @@ def run_eval(recipe: Recipe, base_gguf: Path, tuned_gguf: Path, out: Path, opts:
     if benches:
         res, files = run_mc(models, benches, out / "eval", data_dir=data_dir, shots=int(cfg.get("shots") or 0),
                             limit=limit, threads=opts.threads, n_ctx=opts.n_ctx, progress=reporter.eval_progress)
-        result["mc"] = {"results": res.get("results"), "files": _jsonable(files), "out": str(out / "eval")}
+        result["mc"] = {"results": res.get("results"), "files": jsonable(files), "out": str(out / "eval")}
     if sets:
         res, files = run_generate(models, sets, out / "eval-gen", data_dir=data_dir, limit=limit,
                                   max_tokens=int(cfg.get("max_tokens") or 128), threads=opts.threads,
                                   n_ctx=opts.n_ctx, bertscore=bool(cfg.get("bertscore", False)),
                                   progress=reporter.eval_progress)
-        result["generation"] = {"results": res.get("results"), "files": _jsonable(files),
+        result["generation"] = {"results": res.get("results"), "files": jsonable(files),
                                 "out": str(out / "eval-gen")}
     return result
 
@@ -199,7 +199,7 @@ def stage_train(ctx: RunContext, rec: StageRecord) -> None:
     # A folder from an earlier, interrupted run of the same command continues where it stopped.
     res = train(ctx.recipe, train_dir, resume=train_dir.is_dir())
     rec.details = {"output_dir": str(res.output_dir), "adapter_dir": str(res.adapter_dir),
-                   "metrics": _jsonable(res.metrics), "best_checkpoint": res.best_checkpoint}
+                   "metrics": jsonable(res.metrics), "best_checkpoint": res.best_checkpoint}
     if res.interrupted or res.adapter_dir is None:
         raise KeyboardInterrupt
     m = res.metrics
@@ -216,7 +216,7 @@ def stage_merge(ctx: RunContext, rec: StageRecord) -> None:
     mcfg = ctx.recipe.merge or {}
     rpt = merge_adapter(ctx.adapter, ctx.out / "merged", method=mcfg.get("method", "reload"), verify=True,
                         tolerance=None if mcfg.get("tolerance") is None else float(mcfg["tolerance"]))
-    rec.details = _jsonable(rpt)
+    rec.details = jsonable(rpt)
     rec.summary = (f"{rpt.method}: max |Δlogit| {rpt.max_abs_diff:.2g} vs the adapter model, "
                    f"top-1 agreement {rpt.top1_agreement:.3f}")
     ctx.merged = ctx.out / "merged"
@@ -232,9 +232,9 @@ def stage_export(ctx: RunContext, rec: StageRecord) -> None:
                       progress=ctx.reporter.step)
     files = {str(q): Path(p) for q, p in res.files.items()}
     tuned = files.get(quants[0]) or next(iter(files.values()))
-    rec.details = {"files": _jsonable(files), "manifest": _jsonable(res.manifest_path),
-                   "verify": _jsonable(res.verify_report), "notes": list(res.notes),
-                   "seconds": _jsonable(res.seconds)}
+    rec.details = {"files": jsonable(files), "manifest": jsonable(res.manifest_path),
+                   "verify": jsonable(res.verify_report), "notes": list(res.notes),
+                   "seconds": jsonable(res.seconds)}
     size = tuned.stat().st_size / 2**20
     rec.summary = f"{tuned.name} ({size:.0f} MiB)" + (", verified" if ecfg.get("verify", True) else "")
     ctx.tuned = tuned
@@ -264,7 +264,7 @@ def stage_eval(ctx: RunContext, rec: StageRecord) -> None:
         return
     assert ctx.base is not None and ctx.tuned is not None
     res = run_eval(ctx.recipe, ctx.base, ctx.tuned, ctx.out, ctx.options, ctx.reporter)
-    rec.details = _jsonable(res)
+    rec.details = jsonable(res)
     if "skipped" in res:
         rec.status = "skipped"
         rec.summary = res["skipped"]

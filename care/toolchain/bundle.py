@@ -67,7 +67,7 @@ def host_platform() -> str:
     return f"{platform.system().lower()}-{platform.machine().lower()}"
 
 
-def _template(name: str) -> str:
+def template(name: str) -> str:
     return (resources.files("care") / "data" / "bundle" / name).read_text(encoding="utf-8")
 
 
@@ -179,13 +179,13 @@ def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None,
     if safety is not None:
         (work / "config").mkdir()
         shutil.copy2(safety, work / "config" / "safety.yaml")
-    start = _template("start.sh").replace("@MODEL@", model.name)
+    start = template("start.sh").replace("@MODEL@", model.name)
     start = start.replace("@LORA@", f'--lora "$APP/models/{adapters[0].name}"' if adapters else "")
     (work / "start.sh").write_text(start, encoding="utf-8")
-    (work / "install.sh").write_text(_template("install.sh"), encoding="utf-8")
+    (work / "install.sh").write_text(template("install.sh"), encoding="utf-8")
     if target == "linux-aarch64":  # Android's Termux builds its runtime on the phone, then runs install.sh
-        (work / "termux-build.sh").write_text(_template("termux-build.sh"), encoding="utf-8")
-    (work / "README-CLINIC.md").write_text(_template("README-CLINIC.md").replace("@MODEL@", model.name),
+        (work / "termux-build.sh").write_text(template("termux-build.sh"), encoding="utf-8")
+    (work / "README-CLINIC.md").write_text(template("README-CLINIC.md").replace("@MODEL@", model.name),
                                             encoding="utf-8")
     extra: dict[str, object] = {"llama_cpp_wheel": llama.name}
     if llama_target == "native":
