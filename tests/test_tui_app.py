@@ -556,3 +556,29 @@ def test_page_keys_in_the_input_scroll_the_conversation(store):
             await wait_for(pilot, lambda: view.scroll_y == view.max_scroll_y)
 
     asyncio.run(run())
+
+
+def test_a_message_sent_while_the_model_loads_goes_when_it_is_ready(store):
+    import threading
+
+    release = threading.Event()
+
+    def slow_loader(spec):
+        release.wait(30)  # a phone loading a 2 GB model
+        return FakeEngine(["Block it in the app."])
+
+    async def run():
+        app = create_app(engine_loader=slow_loader, store=store, resume=False, model_folders=[])
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.loading)
+            app.query_one(ChatInput).focus()
+            await pilot.press(*list("my card was stolen"))
+            await pilot.press("enter")
+            await pilot.pause(0.2)
+            assert app.session is None and not app.query(UserMessage)  # not lost, not sent yet
+            release.set()
+            await wait_for(pilot, lambda: app.query(AssistantMessage) and not app.generating)
+            assert [m.content for m in store.messages(app.chat_id)] == ["my card was stolen", "Block it in the app."]
+            await app.action_quit()
+
+    asyncio.run(run())

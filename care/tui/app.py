@@ -143,6 +143,7 @@ class CareChatApp(App[int]):
         self.last_tokens_per_s: float | None = None
         self.load_error: str | None = None
         self.loading = False
+        self._queued: str | None = None  # a message sent while the model was loading
         self._reply_id: int | None = None
         self._reply_parts: list[str] = []
         self._reply_widget: AssistantMessage | None = None
@@ -242,6 +243,9 @@ class CareChatApp(App[int]):
             # Only on a switch from the picker: at start the status bar already says which model is up.
             self.notify(f"{engine.model_name} loaded in {load_s:.1f} s", timeout=3)
         self.update_status()
+        queued, self._queued = self._queued, None
+        if queued:
+            self.on_chat_input_submitted(ChatInput.Submitted(queued))
 
     def _load_failed(self, message: str) -> None:
         self._hide_loading()
@@ -322,6 +326,11 @@ class CareChatApp(App[int]):
     def on_chat_input_submitted(self, event: ChatInput.Submitted) -> None:
         if self.generating:
             self.notify("Wait for the reply, or press Esc to stop it.", timeout=3)
+            return
+        if self.session is None and self.loading and event.text.strip():
+            # Sent as soon as the model is in: on a slow phone an emergency typed during the load is not lost.
+            self._queued = event.text
+            self.notify("The model is still loading: your message goes as soon as it is ready.", timeout=4)
             return
         if self.session is None:
             hint = "Press F4 to choose a model." if self.load_error else "The model is still loading."
