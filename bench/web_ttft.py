@@ -3,7 +3,7 @@
     python bench/web_ttft.py [--rounds 6] [--model F.gguf] [--threads 1] [--max-tokens 16]
 
 Starts `care serve` on 127.0.0.1 (the embedded SmolLM2 GGUF by default). Each round sends one question twice,
-in alternating order: (a) straight to /v1/chat/completions over httpx, streaming, timed to the first content
+in alternating order, each copy with its own leading tag so neither reuses the other's cached prompt: (a) straight to /v1/chat/completions over httpx, streaming, timed to the first content
 chunk; (b) typed into the web chat (care/runtime/web) in Debian's headless chromium, driven by Selenium, timed by
 the page itself from its fetch() to the first reply text it draws (`window.careFirstTokenMs`). Both send the
 page's body ({"messages": [...], "stream": true}), so the server does the same work. Reported: each round, the
@@ -47,19 +47,21 @@ def api_ttft(url: str, question: str) -> float:
 
     body = {"messages": [{"role": "user", "content": question}], "stream": True}
     started = time.perf_counter()
+    ttft = None
     with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=300) as r:
         r.raise_for_status()
+        # One pass over the stream (httpx streams once), read to the end: the next request must not queue
+        # behind this reply.
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+            if ttft is not None or not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             obj = json.loads(line[6:])
             if any(c.get("delta", {}).get("content") for c in obj.get("choices", [])) and not (
                     obj.get("care_safety") or obj.get("care_card")):
                 ttft = time.perf_counter() - started
-                for _ in r.iter_lines():  # let the reply finish: the next request must not queue behind it
-                    pass
-                return ttft
-    raise SystemExit(f"web_ttft: no content for {question!r}")
+    if ttft is None:
+        raise SystemExit(f"web_ttft: no content for {question!r}")
+    return ttft
 
 
 def browser():
@@ -130,10 +132,13 @@ def main() -> int:
         page_ttft(driver, url, "Hello")
         for i in range(opts.rounds):
             q = QUESTIONS[i % len(QUESTIONS)]
+            # Each side's copy starts with its own tag of the same length: llama.cpp reuses a cached prompt
+            # prefix, so with the same words the second sender of a round would only pay for the last token.
+            qa, qb = f"(a) {q}", f"(b) {q}"
             if i % 2 == 0:
-                a, b = api_ttft(url, q), page_ttft(driver, url, q)
+                a, b = api_ttft(url, qa), page_ttft(driver, url, qb)
             else:
-                b, a = page_ttft(driver, url, q), api_ttft(url, q)
+                b, a = page_ttft(driver, url, qb), api_ttft(url, qa)
             rows.append({"question": q, "api_s": round(a, 4), "browser_s": round(b, 4)})
             print(f"round {i + 1}: API {a * 1000:7.1f} ms   browser {b * 1000:7.1f} ms   {q}")
     finally:
