@@ -4,6 +4,7 @@ this CPU, and (slow) runs end to end: train -> merge -> export -> verify -> a ch
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -188,8 +189,15 @@ def test_customer_service_files():
 
 # -- end to end ---------------------------------------------------------------------------------------------
 
+# CI runs the CARE recipe end to end (3-9 min each on 2 cores); the other three share its code path, and their
+# data, header, paper settings and CPU fit are checked above for each. CARE_ALL_RECIPES=1 runs all four.
+_ALL = os.environ.get("CARE_ALL_RECIPES") == "1"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p if p.stem == "care" or _ALL else pytest.param(p, marks=pytest.mark.skip(
+    reason="one recipe end to end in CI (care); CARE_ALL_RECIPES=1 runs this one too")) for p in RECIPES],
+    ids=lambda p: p.stem)
 def test_smoke_recipe_end_to_end(path: Path, tmp_path, shared_data):
     """train -> merge -> export (verified) -> chat replies from the new GGUF -> eval on a few items."""
     from care.pipeline import PipelineOptions, run_pipeline
