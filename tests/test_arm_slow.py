@@ -128,9 +128,6 @@ def test_greedy_reply_matches_x86(arm, tmp_path):
 
 
 def test_tui_under_emulation_in_tmux(arm):
-    if os.environ.get("CARE_ARM_TUI") != "1":
-        pytest.skip("the TUI under qemu-aarch64 takes 5-15 min: CARE_ARM_TUI=1 runs it (triage and the "
-                    "emergency answer on ARM are checked by test_triage_and_an_emergency_answer_on_arm)")
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed")
     session = f"care-arm-{os.getpid()}"
