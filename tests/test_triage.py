@@ -68,10 +68,11 @@ def test_typo_index():
     assert by_lang.correct("respnde", "es") == "responde" and by_lang.correct("breathng", "es") == "breathing"
 
 
-def test_an_english_word_is_not_read_as_another_languages_lexicon_word(rules):
-    # "no response" is one edit from Spanish "no responde" (unconscious): it must stay a banking complaint.
-    assert not v("the seller sent no response and I want my money back", rules).emergency
-    assert v("mi abuelo se cayo y no respnde", rules).category == "unconscious_or_seizure"
+def test_an_english_word_is_not_read_as_another_languages_lexicon_word(lexicon_only):
+    # The typo index, not the classifier: "no response" is one edit from Spanish "no responde" (unconscious).
+    assert not v("the seller sent no response and I want my money back", lexicon_only).emergency
+    spanish = v("mi abuelo se cayo y no respnde", lexicon_only)
+    assert spanish.category == "unconscious_or_seizure" and spanish.why == "lexicon: no responde"
 
 
 # -- the lexicon and its context checks ---------------------------------------------------------------------
