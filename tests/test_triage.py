@@ -357,3 +357,35 @@ def test_care_triage_imports_no_torch_or_model():
 ])
 def test_claims_clinician(text, claims):
     assert triage.claims_clinician(text) is claims
+
+
+# -- context cues by language, and the classifier's veto ----------------------------------------------------
+def test_a_languages_cues_do_not_cancel_another_languages_message(lexicon_only):
+    # Bangla "na" (no) after a hit cancels it in Bangla; in Swahili "na" is "and".
+    assert lexicon_only.context_for("bn").cue_names(normalize("bleeding na")) == ["negation"]
+    assert "negation" not in lexicon_only.context_for("sw").cue_names(normalize("bleeding na"))
+    swahili = v("Niko pregnant 30 weeks, leo nimeanza kuona bleeding nyekundu na contractions kila dakika tano",
+                lexicon_only)
+    assert swahili.language == "sw" and swahili.emergency, swahili.why
+    # Portuguese "sem" (without) is the French abbreviation of "semaines".
+    assert v("nouveau né 2 sem fievre et mou", lexicon_only).emergency
+    # Portuguese "no" is "in the" ("dor no peito": chest pain), not English "no"; its own "sem" still negates.
+    assert v("meu pai ta com dor forte no peito e suando frio", lexicon_only).emergency
+    assert not v("sem dor no peito, só uma tosse chata", lexicon_only).emergency
+    # Every language's cues together stay available, and English cues hold in every language (code-mixing).
+    assert "negation" in lexicon_only.context.cue_names(normalize("bleeding na"))
+    assert "negation" in lexicon_only.context_for("sw").cue_names(normalize("no chest pain"))
+
+
+def test_classifier_veto_of_lexicon_hits(rules):
+    import dataclasses
+
+    text = "my husband has crushing chest pain and is sweating"
+    assert rules.model is not None and v(text, rules).source == "lexicon"
+    vetoing = dataclasses.replace(rules, model=dataclasses.replace(rules.model, veto=1.01))
+    vetoed = v(text, vetoing)
+    assert not vetoed.emergency and vetoed.why.startswith("cancelled: classifier") and vetoed.source == "veto"
+    # An always_flag rule is never vetoed.
+    forced = dataclasses.replace(vetoing, rules=[dataclasses.replace(r, always_flag=True) for r in rules.rules])
+    assert v(text, forced).emergency
+    assert 0.0 <= rules.model.veto < rules.model.threshold  # the packaged veto sits below the flag threshold

@@ -64,6 +64,7 @@ class LinearModel:
     scale: np.ndarray  # (n_classes,) float32
     bias: np.ndarray  # (n_classes,) float32
     threshold: float = 0.5  # P(emergency) at or above which a message is flagged (triage model)
+    veto: float = 0.0  # P(emergency) below which a lexicon hit is not flagged (triage model; 0: never)
 
     def proba(self, norm: str, cues: Sequence[str] = ()) -> dict[str, float]:
         feats = features(norm, cues)
@@ -82,24 +83,25 @@ class LinearModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, classes=np.array(self.classes), weights=self.weights, scale=self.scale,
-                            bias=self.bias, threshold=np.float32(self.threshold),
+                            bias=self.bias, threshold=np.float32(self.threshold), veto=np.float32(self.veto),
                             **{k: np.asarray(v) for k, v in extra.items()})
         tmp.replace(path)
 
     @classmethod
     def from_float(cls, classes: Sequence[str], coef: np.ndarray, bias: np.ndarray,
-                   threshold: float = 0.5) -> LinearModel:
+                   threshold: float = 0.5, veto: float = 0.0) -> LinearModel:
         """coef: (n_classes, N_BUCKETS) floats, quantised to int8 per class."""
         scale = np.maximum(np.abs(coef).max(axis=1), 1e-8) / 127.0
         q = np.clip(np.round(coef / scale[:, None]), -127, 127).astype(np.int8).T.copy()
-        return cls(list(classes), q, scale.astype(np.float32), bias.astype(np.float32), float(threshold))
+        return cls(list(classes), q, scale.astype(np.float32), bias.astype(np.float32), float(threshold),
+                   float(veto))
 
 
 def load_model(path: Path) -> LinearModel:
     try:
         with np.load(path, allow_pickle=False) as z:
             return LinearModel([str(c) for c in z["classes"]], z["weights"], z["scale"], z["bias"],
-                               float(z["threshold"]))
+                               float(z["threshold"]), float(z["veto"]) if "veto" in z.files else 0.0)
     except (OSError, KeyError, ValueError) as exc:
         raise ConfigError(f"Triage model file is missing or corrupt: {exc}", path=path,
                           hint="Re-run `python scripts/train_triage.py` or reinstall care") from exc

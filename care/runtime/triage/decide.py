@@ -9,6 +9,10 @@
 3. Conversation context: facts of earlier user turns (an age, a pregnancy, diabetes) are put before the
    message; the turn is flagged when the message alone is, or when message + facts are and the facts
    alone score lower.
+4. The classifier's veto: a lexicon hit whose categories the classifier knows, scored below the model's `veto`
+   (P(emergency) of a message the lexicon flags; chosen by scripts/train_triage.py on out-of-fold training rows
+   so that it costs at most MAX_VETO_RECALL_LOSS of recall) is not flagged: the classifier has learned the
+   questions, histories and idioms that name an emergency word, which the context patterns cannot list.
 `always_flag` rules are never cancelled and never overruled.
 """
 
@@ -78,7 +82,7 @@ def assess(messages: Sequence[object], rules: Rules) -> Verdict:
     result = _assess_norm(norm, rules, lang)
     if earlier:
         # With the facts in front, the decision (and the category: a fever at 3 weeks is young_infant) can change.
-        facts = rules.context.carried_facts(earlier, rules.sms_for(lang))
+        facts = rules.context_for(lang).carried_facts(earlier, rules.sms_for(lang))
         if facts:
             alone = _assess_norm(facts, rules, lang)
             with_facts = _assess_norm(facts + " . " + norm, rules, lang)
@@ -86,7 +90,7 @@ def assess(messages: Sequence[object], rules: Rules) -> Verdict:
                 use = with_facts.emergency and with_facts.category != result.category and result.source == "classifier"
             else:  # the message must add to what the facts say by themselves ("thanks" does not)
                 use = (with_facts.emergency and with_facts.score > alone.score
-                       and not rules.context.resolved_followup(norm))
+                       and not rules.context_for(lang).resolved_followup(norm))
             if use:
                 with_facts.source += "+context"
                 with_facts.why += " +context"
@@ -101,6 +105,7 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
         fixed = rules.typo.text(norm, lang)
         if fixed != norm:
             variants.append(fixed)
+    ctx = rules.context_for(lang)
     hits: list[tuple[str, str, bool]] = []  # (category, phrase, always_flag)
     cancelled: dict[str, str] = {}  # category -> why its phrases did not count
     present = {v: {w for w in rules.words if w in v} for v in variants}
@@ -108,13 +113,13 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
         if not r.enabled or r.category in rules.disabled:
             continue
         for v in variants:
-            phrase, reason = r.scan(v, rules.context, norm, present[v])
+            phrase, reason = r.scan(v, ctx, norm, present[v])
             if phrase is not None:
                 hits.append((r.category, phrase, r.always_flag))
                 break
             if reason:
                 cancelled.setdefault(r.category, reason)
-    cues = rules.context.cue_names(norm)
+    cues = ctx.cue_names(norm)
     proba = rules.model.proba(norm, cues) if rules.model is not None else {}
     cats = {c: p for c, p in proba.items() if c != NULL and c not in rules.disabled}
     score = float(sum(cats.values()))
@@ -124,11 +129,15 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
         ranked = sorted(order, key=lambda c: (-cats.get(c, 2.0), order[c]))
         always = any(a for _, _, a in hits)
         phrase = next(p for c, p, _ in hits if c == ranked[0])
+        veto = rules.model.veto if rules.model is not None else 0.0
+        if not always and veto > 0 and score < veto and all(c in cats for c in ranked):
+            return Verdict(False, None, "en", score, f"cancelled: classifier (p={score:.2f}, lexicon: {phrase})",
+                           source="veto")
         return Verdict(True, ranked[0], "en", 1.0 if always else score, f"lexicon: {phrase}",
                        categories=ranked, source="always_flag" if always else "lexicon")
     # The classifier alone needs a word that could be a symptom: "and now?" says nothing of one.
-    evident = bool(rules.context.evidence(norm))
-    whole = rules.context.all_sentences_cancelled(norm)
+    evident = bool(ctx.evidence(norm))
+    whole = ctx.all_sentences_cancelled(norm)
     if cats and evident and rules.model is not None and score >= rules.model.threshold:
         best = max(cats, key=cats.__getitem__)
         why = cancelled.get(best) or whole

@@ -37,7 +37,7 @@ from care.runtime.triage.lexicon import (
     phrase_regex,
     phrase_words,
 )
-from care.runtime.triage.normalize import sms_table, strip_accents
+from care.runtime.triage.normalize import MIXES_ENGLISH, sms_table, strip_accents
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,25 @@ class Rules:
     disabled: frozenset[str] = frozenset()
     typo: TypoIndex | None = None
     sms: dict[str, dict[str, str]] = field(default_factory=dict)  # language -> the language files' spellings
+    shared_cues: dict[str, list[regex.Pattern[str]]] | None = None  # cue regexes for every language
+    lang_cues: dict[str, dict[str, list[regex.Pattern[str]]]] = field(default_factory=dict)  # lang -> kind -> cues
 
     def __post_init__(self) -> None:
         self.words = frozenset().union(*(r.words for r in self.rules)) if self.rules else frozenset()
         self._sms_cache: dict[str, dict[str, str]] = {}
+        self._context_cache: dict[str, Context] = {}
+
+    def context_for(self, lang: str) -> Context:
+        """The context cues a message in `lang` is read with: the shared regexes, the cues of `lang`, and
+        English's where the language mixes English in (normalize.MIXES_ENGLISH: hi, bn, sw; not pt, whose "no"
+        is "in the"). `context` holds every language's."""
+        if self.shared_cues is None:
+            return self.context
+        if lang not in self._context_cache:
+            own = [self.lang_cues.get(x, {}) for x in dict.fromkeys((lang, "en") if lang in MIXES_ENGLISH else (lang,))]
+            self._context_cache[lang] = Context({k: [*self.shared_cues.get(k, ()), *(p for o in own for p in o.get(k, ()))]
+                                                 for k in CUE_KINDS})
+        return self._context_cache[lang]
 
     def sms_for(self, lang: str) -> dict[str, str]:
         """The SMS spellings a message in `lang` is read with (normalize.sms_table)."""
@@ -286,11 +301,23 @@ def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
                           bool(raw.get("always_flag", False)), needs))
     langs = data.get("languages") or ["en"]
     langs = [langs] if isinstance(langs, str) else [str(x) for x in langs]
-    cues: dict[str, list[regex.Pattern[str]]] = {}
+    # The top-level regexes (red_flags.yaml, a clinic's file) hold for every message; the language files' cue
+    # phrases only for their own language (and English, mixed into every language): Swahili "na" is "and",
+    # not Hindi "no"; Portuguese "sem" (without) is a French "sem" (semaines).
+    shared_cues: dict[str, list[regex.Pattern[str]]] = {}
+    lang_cues: dict[str, dict[str, list[regex.Pattern[str]]]] = {}
     for kind in CUE_KINDS:
-        cues[kind] = [_compile(p, path, kind) for p in data.get(kind) or []]
+        raw_cues = data.get(kind) or []
+        shared_cues[kind] = [_compile(p, path, kind) for p in raw_cues] if isinstance(raw_cues, list) else []
+        if isinstance(raw_cues, dict):  # regexes by language
+            for lang, items in _by_language(raw_cues).items():
+                lang_cues.setdefault(lang, {}).setdefault(kind, []).extend(
+                    _compile(p, path, f"{kind}.{lang}") for p in items)
         for lang, items in _by_language((data.get("cue_phrases") or {}).get(kind)).items():
-            cues[kind] += [compile_cue(p, is_regex=False, table=sms_table(lang, sms)) for p in items]
+            lang_cues.setdefault(lang, {}).setdefault(kind, []).extend(
+                compile_cue(p, is_regex=False, table=sms_table(lang, sms)) for p in items)
+    cues = {kind: shared_cues[kind] + [p for by_kind in lang_cues.values() for p in by_kind.get(kind, ())]
+            for kind in CUE_KINDS}
     disabled = {c for c, v in (data.get("categories") or {}).items() if not (v or {}).get("enabled", True)}
     by_cat: dict[str, list[bool]] = {}
     for r in rules:
@@ -305,7 +332,8 @@ def build(data: dict[str, Any], path: Path, sources: tuple[str, ...] = (),
                  cards={k: v["steps"] for k, v in (data.get("cards") or {}).items()},
                  card_title=data.get("card_title") or {}, languages=tuple(langs),
                  emergency_number=data.get("emergency_number") or "your local emergency number",
-                 context=Context(cues), disclaimer=data.get("disclaimer") or {},
+                 context=Context(cues), shared_cues=shared_cues, lang_cues=lang_cues,
+                 disclaimer=data.get("disclaimer") or {},
                  not_a_doctor=data.get("not_a_doctor") or {}, sources=sources, model=model,
                  lang_model=lang_model, disabled=frozenset(disabled), typo=TypoIndex({k: pattern_words(v) for k, v in words.items()}),
                  sms=sms)
