@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import DataError
-from care.train.readers import BadRow, BadRows, Record, read_source
+from care.train.readers import read_source
+from care.train.records import BadRow, BadRows, Record
 
 __all__ = ["Record", "BadRow", "BadRows", "DataBundle", "Stage", "read_source", "load_sources", "dedupe", "balance",
            "cap_and_weight", "split_stratified", "mix_stages", "build_data", "domain_counts"]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from care.domains import system_prompt
-from care.train.readers import BadRows, Record
+from care.train.records import BadRows, Record
 
 log = logging.getLogger(__name__)
 
