@@ -9,7 +9,7 @@ A care.proc worker (`python -m care.runtime.cpu_probe job.json`, started by care
 
 A CPU module that cannot run here kills the process (SIGILL, SIGSEGV) or returns {"ok": false, ...}; the
 progress records {"loaded": module} and {"probe": type} tell the parent where it died. Only numpy, gguf,
-llama_cpp and care.proc (standard library): no care import that would load anything else.
+llama_cpp and care.proc / care.io (standard library): no care import that would load anything else.
 
 The probe model: a Llama with 1 layer, 256 wide (the K-quant block), 512 tokens, random weights (fixed seed),
 so every matrix product has a shape ggml's repacked and AMX paths take (rows and columns multiples of 32 and
@@ -22,10 +22,10 @@ as one that crashes.
 from __future__ import annotations
 
 import ctypes
-import os
 import time
 from pathlib import Path
 
+from care.io import atomic_path
 from care.proc import report_progress, worker_main
 
 # Every quant type the project ships (export profiles, the embedded model's q4_1), as llama.cpp's ftype names.
@@ -119,8 +119,8 @@ def build_models(out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     base = out / "probe-f32.gguf"
     if not base.is_file():
-        _write_f32_model(base.with_suffix(".part"))
-        os.replace(base.with_suffix(".part"), base)
+        with atomic_path(base) as part:
+            _write_f32_model(part)
     made = {}
     for name in TYPES:
         target = out / f"probe-{name}.gguf"
@@ -128,11 +128,10 @@ def build_models(out: Path) -> dict[str, str]:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
             params.nthread = 1
-            part = target.with_suffix(".part")
-            rc = llama_cpp.llama_model_quantize(str(base).encode(), str(part).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise RuntimeError(f"llama_model_quantize {name} failed ({rc})")
-            os.replace(part, target)
+            with atomic_path(target) as part:
+                rc = llama_cpp.llama_model_quantize(str(base).encode(), str(part).encode(), ctypes.byref(params))
+                if rc != 0:
+                    raise RuntimeError(f"llama_model_quantize {name} failed ({rc})")
         made[name] = str(target)
     return made
 
