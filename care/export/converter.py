@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from care.errors import ExportError, InvalidModelError, ModelNotFoundError
+from care.artifacts import MERGE_INFO, public_provenance, read_merge_info
+from care.errors import CareError, ExportError, InvalidModelError, ModelNotFoundError
 from care.io import atomic_path, check_free_space
 
 log = logging.getLogger(__name__)
@@ -214,11 +215,11 @@ def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelSource:
         raise InvalidModelError("Model folder has no tokenizer (tokenizer.json / tokenizer.model)", path=path,
                                 hint="Save the tokenizer next to the model (`care merge` does)")
     provenance: dict[str, Any] = {}
-    if (path / "care_merge.json").is_file():
+    if (path / MERGE_INFO).is_file():
         try:
-            provenance = json.loads((path / "care_merge.json").read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("care_merge.json in %s is not valid JSON; no provenance in the GGUF", path)
+            provenance = read_merge_info(path)
+        except CareError as exc:
+            log.warning("%s; no provenance in the GGUF", exc.one_line())
     return ModelSource(path=path, config=config, architecture=arch, llama_arch=SUPPORTED_ARCHITECTURES[arch],
                        provenance=provenance, weight_bytes=sum(p.stat().st_size for p in weights))
 
@@ -436,9 +437,7 @@ def gguf_name(src: ModelSource, name: str | None) -> str:
 
 def provenance_kv(src: ModelSource) -> dict[str, str]:
     """care.* GGUF keys describing where the weights came from (from care_merge.json): names and hashes,
-    never this machine's paths (the GGUF is shared; care.export.manifest.public_provenance)."""
-    from care.export.manifest import public_provenance
-
+    never this machine's paths (the GGUF is shared; care.artifacts.public_provenance)."""
     kv = {"care.source.name": src.path.resolve().name, "care.source.architecture": src.architecture}
     prov = public_provenance(src.provenance)
     for key in ("base_model", "adapter", "recipe_hash", "recipe_name"):

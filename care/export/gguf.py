@@ -12,7 +12,6 @@ every quantized type is made with it by llama.cpp's llama-quantize; the same typ
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -23,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import MANIFEST, file_records, gguf_manifest, public_name, source_record
 from care.export.converter import convert_to_gguf, inspect_model_dir, llama_cpp_version
-from care.export.manifest import file_records, public_name, source_record
-from care.export.manifest import manifest as make_manifest
 from care.export.quantize import (
     FLOAT_TYPES,
     K_QUANT_BLOCK,
@@ -132,7 +130,7 @@ def export_gguf(
         tools = imatrix_tools(progress=progress)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # the folder is not a finished export until rewritten
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is not a finished export until rewritten
     seconds: dict[str, float] = {}
 
     def stage_progress(stage: str) -> Callable[[str], None] | None:
@@ -268,10 +266,9 @@ def export_gguf(
         others=[files[q].name for q in wanted if q != primary]))
 
     seconds["total"] = time.perf_counter() - t_start
-    manifest = make_manifest(
-        "care-export-gguf/1",
-        source_record(src.path, src.architecture, src.provenance),
-        file_records([files[q] for q in wanted], **{files[q].name: {
+    manifest = gguf_manifest(
+        source=source_record(src.path, src.architecture, src.provenance),
+        files=file_records([files[q] for q in wanted], **{files[q].name: {
             "quant": q, "fallback_tensors": fallback.get(q, 0), "total_tensors": totals.get(q),
             "imatrix": bool(imx_record) and q in quantized} for q in wanted}),
         name=model_name,
@@ -289,7 +286,7 @@ def export_gguf(
         "name": name, "n_threads": n_threads, "verify_kwargs": verify_kwargs or {}, "imatrix": imatrix,
         "calibration": public_name(str(calibration)) if calibration is not None else None,
         "imatrix_chunks": imatrix_chunks})
-    manifest_path = write_json(out / "manifest.json", manifest)
+    manifest_path = write_json(out / MANIFEST, manifest)
     for path in (out / "export_config.json", out / "verify.json", modelfile, manifest_path):
         make_readable(path)
     result = ExportResult(files=files, manifest_path=manifest_path, verify_report=report,
@@ -323,7 +320,3 @@ def _hf_template_and_system(model_dir: Path) -> tuple[str | None, str | None]:
     except Exception as exc:  # a model without a usable template still exports; Ollama uses the GGUF's
         log.info("No HF chat template for the Modelfile (%s)", exc)
         return None, None
-
-
-def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))

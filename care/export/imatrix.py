@@ -20,7 +20,6 @@ and the model pickers.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import re
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import MERGE_INFO, read_merge_info
 from care.errors import CareError, ConfigError, DataError, ExportError
 from care.io import atomic_path
 
@@ -92,15 +92,13 @@ def find_recipe(model_dir: Path):
     import yaml
 
     from care.train.config import recipe_from_dict
-    from care.train.merge import MERGE_INFO
 
     prov: dict[str, Any] = {}
-    info = model_dir / MERGE_INFO
-    if info.is_file():
-        try:
-            prov = json.loads(info.read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("%s is not valid JSON; looking for the recipe beside the model instead", info)
+    if (model_dir / MERGE_INFO).is_file():
+        try:  # only the recipe's whereabouts are needed here, so no key is required
+            prov = read_merge_info(model_dir, required=())
+        except CareError as exc:
+            log.warning("%s; looking for the recipe beside the model instead", exc.one_line())
     original = Path(prov["recipe_path"]) if isinstance(prov.get("recipe_path"), str) else None
     candidates: list[Path] = []
     if isinstance(prov.get("adapter"), str):

@@ -31,8 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from care.errors import ExportError, InvalidModelError, ModelNotFoundError
-from care.export.manifest import public_name as _public_name
+from care.artifacts import (
+    ADAPTER_INFO,
+    MANIFEST,
+    MERGE_INFO,
+    lora_manifest,
+    public_name,
+    read_adapter_info,
+    read_merge_info,
+)
+from care.errors import CareError, ExportError, InvalidModelError, ModelNotFoundError
 from care.io import atomic_path, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,6 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 # The adapter must move the base's output by at least this much (mean KL(base+adapter || base), nats/token):
 # an adapter that was lost in conversion, or B matrices still at their zero init, give ~0.
 ADAPTER_MIN_KL = 1e-4
-MANIFEST_FORMAT = "care-export-gguf-lora/1"
 
 
 @dataclass
@@ -147,13 +154,12 @@ def inspect_adapter(adapter_dir: str | os.PathLike[str]) -> AdapterSource:
                           "GGUF adapter", path=cfg_path,
                           hint="Retrain with one lora.r / lora.alpha for all modules")
     targets = config.get("target_modules") or []
-    info_path = path / "care_adapter.json"
-    info = {}
-    if info_path.is_file():
+    info: dict[str, Any] = {}
+    if (path / ADAPTER_INFO).is_file():
         try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("care_adapter.json in %s is not valid JSON; ignoring it", path)
+            info = read_adapter_info(path)
+        except CareError as exc:
+            log.warning("%s; ignoring it", exc.one_line())
     return AdapterSource(path=path, config=config, info=info, weights=weights, rank=rank, alpha=alpha,
                          rslora=rslora, target_modules=sorted(targets) if isinstance(targets, list) else [targets])
 
@@ -209,7 +215,7 @@ def _from_model_cfg(model_cfg: dict[str, Any], where: Path) -> BaseModel | None:
     path = Path(resolved) if Path(resolved).is_dir() else _hub_cache_dir(resolved)
     if path is None:
         return None
-    return BaseModel(path=path, name=_public_name(base), gguf=gguf)
+    return BaseModel(path=path, name=public_name(base), gguf=gguf)
 
 
 def resolve_base(src: AdapterSource, base: str | os.PathLike[str] | None = None) -> BaseModel:
@@ -220,19 +226,19 @@ def resolve_base(src: AdapterSource, base: str | os.PathLike[str] | None = None)
         if not (path / "config.json").is_file():
             raise ModelNotFoundError("--base is not a Hugging Face model folder (no config.json)", path=path,
                                      hint="Pass the base model's folder (config.json; weights needed to verify)")
-        return BaseModel(path=path, name=_public_name(str(base)), source="--base")
+        return BaseModel(path=path, name=public_name(str(base)), source="--base")
     tried: list[str] = []
     info = src.info
     for key in ("base_model", "recipe_base"):
         value = info.get(key)
         if isinstance(value, str) and value:
             found = _from_model_cfg({"base": value}, src.path)
-            tried.append(f"care_adapter.json {key}={_public_name(value)}")
+            tried.append(f"care_adapter.json {key}={public_name(value)}")
             if found:
                 found.source = f"care_adapter.json ({key})"
                 recipe_base = info.get("recipe_base")
                 if key == "base_model" and isinstance(recipe_base, str) and recipe_base:
-                    found.name = _public_name(recipe_base)  # the resolved base_model may be a local cache path
+                    found.name = public_name(recipe_base)  # the resolved base_model may be a local cache path
                     found.gguf = found.gguf or _embedded_gguf_for(recipe_base)
                 return found
     for recipe in (src.path.parent / "resolved_config.yaml", src.path / "resolved_config.yaml"):
@@ -248,12 +254,10 @@ def resolve_base(src: AdapterSource, base: str | os.PathLike[str] | None = None)
             if found:
                 found.source = recipe.name
                 return found
-    from care.train.merge import MERGE_INFO
-
     for merged in sorted(src.path.parent.glob(f"*/{MERGE_INFO}")):
         try:
-            prov = json.loads(merged.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            prov = read_merge_info(merged)
+        except CareError:
             continue
         if prov.get("adapter") and Path(prov["adapter"]).resolve() != src.path.resolve():
             continue
@@ -265,7 +269,7 @@ def resolve_base(src: AdapterSource, base: str | os.PathLike[str] | None = None)
     hub = src.config.get("base_model_name_or_path")
     if isinstance(hub, str) and hub:
         found = _from_model_cfg({"base": hub}, src.path)
-        tried.append(f"adapter_config.json base_model_name_or_path={_public_name(hub)}")
+        tried.append(f"adapter_config.json base_model_name_or_path={public_name(hub)}")
         if found:
             found.source = "adapter_config.json"
             return found
@@ -483,7 +487,7 @@ def export_gguf_lora(
     log.info("base model %s (from %s)", base_model.name, base_model.source)
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # not a finished export until rewritten
+    (out / MANIFEST).unlink(missing_ok=True)  # not a finished export until rewritten
     model_name = name or (src.info.get("recipe_name") or src.path.resolve().name)
     adapter_path = out / f"{_slug(model_name)}-lora-{outtype}.gguf"
     t0 = time.perf_counter()
@@ -551,29 +555,26 @@ def export_gguf_lora(
             system=default_system_prompt(system, detect_format(template)), adapter=adapter_path.name))
 
     seconds["total"] = time.perf_counter() - t_start
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "name": model_name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "adapter": {"file": adapter_path.name, "type": outtype, "size": adapter_path.stat().st_size,
-                    "sha256": sha256_file(adapter_path)},
-        "lora": {"rank": src.rank, "alpha": src.alpha, "rslora": src.rslora, "scale": src.scale,
-                 "stored_alpha": src.stored_alpha, "target_modules": src.target_modules},
-        "base": {"model": base_model.name, "architecture": (_base_config(base_model).get("architectures")
-                                                             or ["?"])[0],
-                 "verified_on": None if base_gguf is None or report is None else {
-                     "file": base_gguf.name, "size": base_gguf.stat().st_size, "sha256": sha256_file(base_gguf),
-                     "quant": report.get("quant")}},
-        "recipe": {k: src.info.get(k) for k in ("recipe_name", "recipe_hash") if src.info.get(k)} or None,
-        "converter": {"llama_cpp_python": llama_cpp_version(), "script": "convert_lora_to_gguf.py",
-                      "folder": info["converter"]},
-        "notes": notes,
-        "verified": None if report is None else report["passed"],
-        "verify_report": "verify.json" if report is not None else None,
-        "figures": None if report is None else _figures(report),
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-    }
-    manifest_path = write_json(out / "manifest.json", manifest)
+    manifest = lora_manifest(
+        name=model_name,
+        adapter={"file": adapter_path.name, "type": outtype, "size": adapter_path.stat().st_size,
+                 "sha256": sha256_file(adapter_path)},
+        lora={"rank": src.rank, "alpha": src.alpha, "rslora": src.rslora, "scale": src.scale,
+              "stored_alpha": src.stored_alpha, "target_modules": src.target_modules},
+        base={"model": base_model.name, "architecture": (_base_config(base_model).get("architectures") or ["?"])[0],
+              "verified_on": None if base_gguf is None or report is None else {
+                  "file": base_gguf.name, "size": base_gguf.stat().st_size, "sha256": sha256_file(base_gguf),
+                  "quant": report.get("quant")}},
+        recipe={k: src.info.get(k) for k in ("recipe_name", "recipe_hash") if src.info.get(k)} or None,
+        converter={"llama_cpp_python": llama_cpp_version(), "script": "convert_lora_to_gguf.py",
+                   "folder": info["converter"]},
+        notes=notes,
+        verified=None if report is None else report["passed"],
+        verify_report="verify.json" if report is not None else None,
+        figures=None if report is None else _figures(report),
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+    )
+    manifest_path = write_json(out / MANIFEST, manifest)
     result = LoraExportResult(adapter=adapter_path, manifest_path=manifest_path, base_gguf=base_gguf,
                               verify_report=report, modelfile_path=modelfile, source=src, base=base_model,
                               notes=notes, seconds=seconds)
@@ -590,17 +591,4 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
     for label, entry in report["files"].items():
         out[label] = {k: entry.get(k) for k in ("top1_agreement", "kl_mean", "kl_max", "kl_limit", "ppl", "passed")}
     return out
-
-
-def load_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidModelError(f"Adapter manifest unreadable: {exc}", path=path,
-                                hint="Re-run `care export gguf-lora`") from exc
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise InvalidModelError("Not a `care export gguf-lora` manifest", path=path,
-                                hint="Re-run `care export gguf-lora`")
-    return manifest
 

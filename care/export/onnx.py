@@ -29,9 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import ONNX_MANIFEST, file_records, onnx_manifest, public_name, source_record
 from care.errors import ExportError, UsageError, VerificationError, require
-from care.export.manifest import file_records, public_name, source_record
-from care.export.manifest import manifest as make_manifest
 from care.io import check_free_space, make_readable, write_json
 
 log = logging.getLogger(__name__)
@@ -43,7 +42,6 @@ INT4_ALGOS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "de
 # same recipe as Q4_K_M, so it gets Q4_K_M's limits (measured 0.14 on SmolLM2-135M); int8 ~ Q8_0;
 # fp32 must be near-exact (only kernel summation order differs).
 KL_LIMITS = {"int4": (0.4, 0.1), "int8": (0.02, 0.005), "fp32": (1e-4, 1e-4)}
-MARKER = "care_onnx.json"
 
 
 @dataclass
@@ -81,7 +79,7 @@ def export_onnx(
         raise UsageError(f"Unknown int4 algorithm '{algo}'", hint=f"Choose from: {', '.join(INT4_ALGOS)}")
     src = inspect_model_dir(model_dir)
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.exists() and any(out.iterdir()) and not (out / ONNX_MANIFEST).is_file():
         raise UsageError("The output folder exists and is not a previous `care export onnx` output", path=out,
                          hint="Choose an empty or new --out folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +102,9 @@ def export_onnx(
                                  **(verify_kwargs or {}))
             seconds["verify"] = time.perf_counter() - t0
             write_json(build / "verify.json", report)
-        files = sorted(p for p in build.iterdir() if p.is_file() and p.name != MARKER)
-        manifest = make_manifest(
-            "care-export-onnx/1", source_record(src.path, src.architecture, src.provenance), file_records(files),
+        files = sorted(p for p in build.iterdir() if p.is_file() and p.name != ONNX_MANIFEST)
+        manifest = onnx_manifest(
+            source=source_record(src.path, src.architecture, src.provenance), files=file_records(files),
             precision=precision,
             int4_algo=algo,
             builder={"onnxruntime_genai": _version("onnxruntime-genai"), "onnxruntime": _version("onnxruntime")},
@@ -117,7 +115,7 @@ def export_onnx(
                                                   "out_dir": public_name(str(out.resolve())),
                                                   "precision": precision, "int4_algo": algo, "verify": verify,
                                                   "n_threads": n_threads})
-        write_json(build / MARKER, manifest)
+        write_json(build / ONNX_MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(build, out)
@@ -125,7 +123,7 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
     for p in out.iterdir():
         make_readable(p)
-    result = OnnxExportResult(out_dir=out, precision=precision, int4_algo=algo, manifest_path=out / MARKER,
+    result = OnnxExportResult(out_dir=out, precision=precision, int4_algo=algo, manifest_path=out / ONNX_MANIFEST,
                               verify_report=report, size_bytes=sum(p.stat().st_size for p in out.iterdir()),
                               seconds=seconds)
     if report is not None and not report["passed"]:
