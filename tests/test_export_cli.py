@@ -88,7 +88,7 @@ def _fake_sdist(path: Path, version: str) -> Path:
 
 
 def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
-    from care.export import converter
+    from care.toolchain.llamacpp import converter_setup as converter
 
     version = converter.llama_cpp_version()
     target = tmp_path / "conv"
@@ -110,8 +110,11 @@ def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
 
 def test_setup_offline_is_one_clear_line(tmp_path):
     """No PyPI: `care export setup` fails in one line that says how to fix it."""
+    # An empty build cache too: the converter now takes the sdist the llama.cpp builds cached, when there is one.
     env = dict(os.environ, CARE_CONVERTER_DIR=str(tmp_path / "conv"), PIP_INDEX_URL="http://127.0.0.1:9/simple",
-               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="")
+               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="",
+               CARE_LLAMA_CPP_CACHE=str(tmp_path / "cache"))
+    env.pop("CARE_LLAMA_CPP_SDIST", None)
     proc = subprocess.run([sys.executable, "-m", "care.cli", "export", "setup"], capture_output=True, text=True,
                           env=env, timeout=240)
     assert proc.returncode == 2

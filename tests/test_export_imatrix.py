@@ -81,7 +81,7 @@ def test_calibration_is_the_recipes_training_rows_in_the_chat_template(trained_l
     first = cal.text[: len(cal.text) // 3]
     assert system_prompt("banking") in first and system_prompt("telecom") in first
     assert calibration_text(merged).sha256 == cal.sha256
-    from care.export.converter import hf_tokenizer
+    from care.export.hf_source import hf_tokenizer
 
     tok = hf_tokenizer(merged)
     assert cal.tokens == sum(len(tok(tok.apply_chat_template(to_messages(r), tokenize=False),

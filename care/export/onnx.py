@@ -68,7 +68,7 @@ def export_onnx(
     verify_kwargs: dict[str, Any] | None = None,
 ) -> OnnxExportResult:
     """Build an onnxruntime-genai model folder at `out_dir` (built in a temp folder, renamed when done)."""
-    from care.export.converter import inspect_model_dir
+    from care.export.hf_source import inspect_model_dir
 
     require("onnxruntime_genai", "export")
     require("onnx_ir", "export")
@@ -170,7 +170,7 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
     and a greedy reply generated through onnxruntime-genai."""
     import numpy as np
 
-    from care.export.verify import EVAL_TEXTS, TOKENIZER_CORPUS, hf_reference, logit_metrics
+    from care.export.reference import EVAL_TEXTS, TOKENIZER_CORPUS, by_size, hf_reference, logit_metrics
 
     onnx_dir, hf_dir = Path(onnx_dir), Path(hf_model_dir)
     ref = hf_reference(hf_dir, max_tokens, EVAL_TEXTS)
@@ -188,8 +188,7 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
         res = json.loads(res_path.read_text(encoding="utf-8"))
         logits = [np.load(f) for f in res["logit_files"]]
         metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
-    small, large = KL_LIMITS[precision]
-    limit = small if ref["n_params"] < 1_000_000_000 else large
+    limit = by_size(KL_LIMITS[precision], ref["n_params"])
     failures = []
     if metrics["kl_mean"] > limit:
         failures.append(f"mean KL {metrics['kl_mean']:.4g} exceeds the {precision} limit {limit:g}")
