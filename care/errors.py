@@ -75,6 +75,35 @@ class DiskFullError(CareError):
     """Not enough free disk space for an output."""
 
 
+class ToolError(CareError):
+    """An external program (a llama.cpp tool, a converter, a build step) could not start, exited non-zero,
+    died by a signal or ran past its time limit (care.proc.run_tool).
+
+    `what` names the program, `returncode` is its exit status (negative: -signal number; None: it never
+    ran), `signal` the signal's name ("SIGILL") when one killed it, `lines` the tail of its output and
+    `detail` the line of it worth showing (care.proc.error_line)."""
+
+    def __init__(self, message: str, *, what: str, returncode: int | None = None, signal: str | None = None,
+                 lines: list[str] | None = None, detail: str | None = None, timed_out: bool = False,
+                 hint: str | None = None, path: object | None = None) -> None:
+        super().__init__(message, hint=hint, path=path)
+        self.what = what
+        self.returncode = returncode
+        self.signal = signal
+        self.lines = list(lines or [])
+        self.detail = detail
+        self.timed_out = timed_out
+
+
+class WorkerError(ToolError):
+    """A child worker (care.proc.run_worker) died by a signal, exited non-zero, timed out, reported an error
+    or left no result file. `result` is what it wrote, if anything (e.g. {"error": "..."})."""
+
+    def __init__(self, message: str, *, result: dict | None = None, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.result = result
+
+
 def require(module: str, extra: str) -> None:
     """Raise DependencyMissingError naming the extra to install if `module` cannot be imported."""
     import importlib.util

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import functools
 import json
 import os
 import shutil
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import DiskFullError
+from care.system import sha256_file  # noqa: F401 - its home is care.system; care/export imports it from here until it moves
 
 
 def check_free_space(folder: Path, needed_bytes: int, what: str = "output") -> None:
@@ -32,13 +33,32 @@ def check_free_space(folder: Path, needed_bytes: int, what: str = "output") -> N
         )
 
 
-def umask_mode(mode: int = 0o666) -> int:
-    """`mode` less the process umask: what open() would give a new file. The one file-mode rule for outputs:
-    mkstemp's 0600 would hide a shared model folder's files from other users (Ollama's server, a clinic's
-    second account)."""
-    mask = os.umask(0)
+def process_umask() -> int:
+    """This process's umask. On Linux it is read from /proc/self/status, which changes nothing; elsewhere the
+    only way is os.umask(), which sets it, and setting it races with other threads creating files, so there it
+    is read once per process and cached (a later os.umask() call is then not seen)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _umask_once()
+
+
+@functools.lru_cache(maxsize=1)
+def _umask_once() -> int:
+    mask = os.umask(0o022)
     os.umask(mask)
-    return mode & ~mask
+    return mask
+
+
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask (process_umask): what open() would give a new file. The one file-mode rule
+    for outputs: mkstemp's 0600 would hide a shared model folder's files from other users (Ollama's server, a
+    clinic's second account)."""
+    return mode & ~process_umask()
 
 
 def make_readable(path: str | os.PathLike[str]) -> None:
@@ -79,12 +99,3 @@ def write_text(target: str | os.PathLike[str], text: str) -> Path:
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> Path:
     return write_text(target, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks (model files are GBs)."""
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()

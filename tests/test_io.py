@@ -31,3 +31,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("stopped")
     assert target.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_process_umask_is_read_without_changing_it():
+    from care.io import process_umask, umask_mode
+
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027 and umask_mode() == 0o640 and umask_mode(0o777) == 0o750
+        assert os.umask(0o027) == 0o027  # still what it was set to
+    finally:
+        os.umask(old)
