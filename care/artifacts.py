@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import InvalidModelError, ModelNotFoundError
-from care.io import sha256_file
+from care.system import sha256_file
 
 ADAPTER_INFO = "care_adapter.json"
 MERGE_INFO = "care_merge.json"

@@ -15,16 +15,14 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from care.artifacts import public_provenance
-from care.errors import ExportError, InvalidModelError
+from care.errors import ExportError, InvalidModelError, ToolError
 from care.export.hf_source import (
     ModelSource,
     end_of_turn_token,
@@ -34,6 +32,7 @@ from care.export.hf_source import (
     vocab_strings,
 )
 from care.io import atomic_path, check_free_space
+from care.proc import run_tool
 from care.toolchain.llamacpp.converter_setup import find_converter, setup_converter
 
 # Still importable from here for callers outside care/export written before the split (care/doctor.py, bench/);
@@ -216,49 +215,17 @@ def convert_to_gguf(
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(conv / "gguf-py"), str(conv)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
             env.pop("NO_LOCAL_GGUF", None)
-            tail = run_streaming(cmd, env, progress)
-            if tail.returncode != 0:
-                raise ExportError(f"llama.cpp's converter failed: {tail.last_error()}", path=src.path,
-                                  hint="Run with CARE_DEBUG=1 to see its full output")
+            run_converter_script(cmd, env, progress, what="llama.cpp's converter", path=src.path,
+                                 hint="Run with CARE_DEBUG=1 to see its full output")
     return {"name": model_name, "notes": notes, "eot": eot, "converter": str(conv)}
 
 
-@dataclass
-class StreamedRun:
-    returncode: int
-    lines: list[str]
-
-    def last_error(self) -> str:
-        for line in reversed(self.lines):
-            if re.search(r"error|exception|not supported|missing", line, re.I):
-                return line.strip()[:300]
-        return (self.lines[-1].strip() if self.lines else "no output")[:300]
-
-
-def run_streaming(cmd: list[str], env: dict[str, str], progress: Callable[[str], None] | None) -> StreamedRun:
-    """Run `cmd`, passing each output line (tqdm's \\r updates too) to `progress`; keep a tail for errors."""
-    log.debug("running %s", " ".join(cmd))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    assert proc.stdout is not None
-    lines: list[str] = []
-    buf = b""
-    while True:
-        chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-        if not chunk:
-            break
-        buf += chunk
-        parts = re.split(rb"[\r\n]", buf)
-        buf = parts.pop()
-        for raw in parts:
-            line = raw.decode("utf-8", "replace")
-            if not line.strip():
-                continue
-            lines.append(line)
-            del lines[:-200]
-            if os.environ.get("CARE_DEBUG"):
-                log.debug("%s", line)
-            if progress:
-                progress(line)
-    if buf.strip():
-        lines.append(buf.decode("utf-8", "replace"))
-    return StreamedRun(proc.wait(), lines)
+def run_converter_script(cmd: list[str], env: dict[str, str], progress: Callable[[str], None] | None, *,
+                         what: str, path: Path, hint: str) -> None:
+    """Run one of llama.cpp's converter scripts (care.proc.run_tool), passing each output line (tqdm's \\r
+    updates too) to `progress`; a failure is one ExportError line: `what` failed, how, and its error line."""
+    try:
+        run_tool(cmd, what=what, on_line=progress, env=env, path=path, hint=hint)
+    except ToolError as exc:
+        how = f" (killed by {exc.signal})" if exc.signal else ""
+        raise ExportError(f"{what} failed{how}: {exc.detail or exc.message}", path=path, hint=hint) from exc

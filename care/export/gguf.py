@@ -30,6 +30,7 @@ from care.artifacts import MANIFEST, file_records, gguf_manifest, public_name, s
 from care.errors import UsageError, VerificationError
 from care.export.converter import convert_to_gguf, gguf_name
 from care.export.hf_source import ModelSource, inspect_model_dir
+from care.export.imatrix import PLAIN_SUFFIX, imatrix_comparison
 from care.export.quantize import (
     FLOAT_TYPES,
     K_QUANT_BLOCK,
@@ -41,6 +42,7 @@ from care.export.quantize import (
     uses_256_blocks,
 )
 from care.export.reference import hf_template_and_system
+from care.gguf_file import read_header
 from care.io import make_readable, write_json, write_text
 from care.toolchain.llamacpp.converter_setup import llama_cpp_version
 
@@ -61,32 +63,6 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     imatrix: dict[str, Any] | None = None  # the manifest's imatrix record (file, calibration hash, chunks)
-
-
-# verify.json label of a type quantized without the importance matrix, for the with/without comparison
-PLAIN_SUFFIX = " (no imatrix)"
-_COMPARED = ("top1_agreement", "kl_mean", "kl_p99", "ppl", "file_bytes")
-
-
-def imatrix_comparison(report: dict[str, Any], quants: Sequence[str]) -> dict[str, Any]:
-    """Mark each type's row in the verify report as with/without the imatrix and sum them up per type:
-    {"q4_k_m": {"with": {...}, "without": {...}, "kl_ratio": with/without}}. The rows without it are
-    comparisons, not outputs: their failures move to `comparison_failures` and do not fail the export."""
-    summary: dict[str, Any] = {}
-    plain_labels = {q + PLAIN_SUFFIX for q in quants}
-    for label, entry in report["files"].items():
-        entry["imatrix"] = label not in plain_labels
-    for q in quants:
-        with_, without = report["files"].get(q), report["files"].get(q + PLAIN_SUFFIX)
-        if with_ is None or without is None:
-            continue
-        summary[q] = {"with": {k: with_.get(k) for k in _COMPARED}, "without": {k: without.get(k) for k in _COMPARED},
-                      "kl_ratio": with_["kl_mean"] / without["kl_mean"] if without["kl_mean"] > 0 else None}
-    report["comparison_failures"] = [f for f in report["failures"] if f.split(":", 1)[0] in plain_labels]
-    report["failures"] = [f for f in report["failures"] if f.split(":", 1)[0] not in plain_labels]
-    report["passed"] = not report["failures"]
-    report["imatrix"] = summary
-    return summary
 
 
 def _slug(name: str) -> str:
@@ -411,6 +387,4 @@ def export_gguf(
 
 def count_matrices(path: Path) -> int:
     """Number of 2-D weight tensors (the ones the quantizer may quantize)."""
-    import gguf
-
-    return sum(1 for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) >= 2 and t.shape[1] > 1)
+    return sum(1 for t in read_header(path).tensors if len(t.shape) >= 2 and t.shape[1] > 1)

@@ -26,10 +26,12 @@ from typing import Any
 
 from care.artifacts import MANIFEST, lora_manifest
 from care.errors import ExportError
-from care.export.converter import run_streaming
+from care.export.converter import run_converter_script
 from care.export.lora_source import AdapterSource, BaseModel, base_config, inspect_adapter, resolve_base
 from care.export.reference import hf_template_and_system
-from care.io import atomic_path, make_readable, sha256_file, write_json, write_text
+from care.gguf_file import read_header
+from care.io import atomic_path, make_readable, write_json, write_text
+from care.system import sha256_file
 from care.toolchain.llamacpp.converter_setup import find_converter, llama_cpp_version, setup_converter
 
 log = logging.getLogger(__name__)
@@ -77,38 +79,35 @@ def convert_lora(src: AdapterSource, base: BaseModel, out_path: Path, outtype: s
                    "--outfile", str(part), "--outtype", outtype, str(stage)]
             env = dict(os.environ, HF_HUB_OFFLINE="1")
             env.pop("NO_LOCAL_GGUF", None)
-            proc = run_streaming(cmd, env, progress)
-            if proc.returncode != 0:
-                raise ExportError(f"llama.cpp's LoRA converter failed: {proc.last_error()}", path=src.path,
-                                  hint="Check --base is the model the adapter was trained on (CARE_DEBUG=1 for "
-                                  "the full log)")
+            run_converter_script(cmd, env, progress, what="llama.cpp's LoRA converter", path=src.path,
+                                 hint="Check --base is the model the adapter was trained on (CARE_DEBUG=1 for "
+                                 "the full log)")
     make_readable(out_path)
     return {"converter": conv.name}
 
 
 def read_lora_gguf(path: Path) -> dict[str, Any]:
-    """The adapter GGUF's alpha, type and tensors (name -> numpy array), read with the PyPI gguf reader."""
+    """The adapter GGUF's alpha, type and tensors (name -> float32 numpy array, in numpy's dimension order), read
+    from its header (care.gguf_file) and the tensor data after it."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(path))
-
-    def value(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
+    header = read_header(path, arrays=True)
+    kv = header.metadata
     tensors = {}
-    for t in reader.tensors:
-        data = np.asarray(t.data)
-        if t.tensor_type.name in ("F16", "F32", "BF16"):
-            tensors[t.name] = data.astype(np.float32).reshape([int(x) for x in reversed(t.shape)])
+    for t in header.tensors:
+        qtype = gguf.GGMLQuantizationType(t.ggml_type)
+        nbytes = t.nbytes if t.nbytes is not None else header.tensor_bytes()[t.name]
+        raw = np.fromfile(path, dtype=np.uint8, count=nbytes, offset=header.data_offset + t.offset)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            data = raw.view(np.float32)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            data = raw.view(np.float16).astype(np.float32)
         else:
-            from gguf import dequantize
-
-            tensors[t.name] = dequantize(data, t.tensor_type).reshape([int(x) for x in reversed(t.shape)])
-    return {"alpha": value("adapter.lora.alpha"), "type": value("general.type"),
-            "adapter_type": value("adapter.type"), "name": value("general.name"), "tensors": tensors,
-            "kv": {k: value(k) for k in reader.fields if not k.startswith("GGUF.")}}
+            data = gguf.dequantize(raw, qtype).astype(np.float32)
+        tensors[t.name] = data.reshape([int(x) for x in reversed(t.shape)])
+    return {"alpha": kv.get("adapter.lora.alpha"), "type": kv.get("general.type"),
+            "adapter_type": kv.get("adapter.type"), "name": kv.get("general.name"), "tensors": tensors, "kv": kv}
 
 
 # --------------------------------------------------------------------------------------------------------

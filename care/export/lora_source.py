@@ -26,6 +26,7 @@ from typing import Any
 from care.artifacts import ADAPTER_INFO, MERGE_INFO, public_name, read_adapter_info, read_merge_info
 from care.errors import CareError, ExportError, InvalidModelError, ModelNotFoundError
 from care.export.hf_source import SUPPORTED_ARCHITECTURES, check_safetensors
+from care.system import local_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,6 @@ class BaseModel:
     source: str = ""  # where we found it
 
 
-def hub_cache_dir(repo_id: str) -> Path | None:
-    """A hub id already in the local HF cache (never downloads: HF_HUB_OFFLINE)."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached, or not a repo id
-        return None
-
-
 def embedded_gguf_for(base: str) -> Path | None:
     """The embedded GGUF when `base` names it (recipes say `embedded`): the base to verify on, as shipped."""
     from care.train.modeling import EMBEDDED
@@ -189,7 +180,7 @@ def from_model_cfg(model_cfg: dict[str, Any], where: Path) -> BaseModel | None:
     gguf = embedded_gguf_for(base)
     if gguf is None and base.endswith(".gguf"):
         gguf = resolve(base)
-    path = Path(resolved) if Path(resolved).is_dir() else hub_cache_dir(resolved)
+    path = local_snapshot(resolved)  # a local folder, or a hub id already in the HF cache (never downloads)
     if path is None:
         return None
     return BaseModel(path=path, name=public_name(base), gguf=gguf)

@@ -16,12 +16,9 @@ So int4 uses k_quant_mixed unless asked otherwise; int8 when quality matters mor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from care.artifacts import ONNX_MANIFEST, file_records, onnx_manifest, public_name, source_record
-from care.errors import ExportError, UsageError, VerificationError, require
+from care.errors import ExportError, ToolError, UsageError, VerificationError, WorkerError, require
 from care.io import check_free_space, make_readable, write_json
+from care.proc import run_tool, run_worker, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +151,11 @@ def _run_builder(src: Path, out: Path, cache: Path, precision: str, algo: str | 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if n_threads:
         env["OMP_NUM_THREADS"] = str(n_threads)
-    log.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        err = next((ln for ln in reversed(lines) if re.search(r"error|exception|not supported", ln, re.I)),
-                   lines[-1] if lines else f"exit code {proc.returncode}")
-        raise ExportError(f"onnxruntime-genai's model builder failed: {err.strip()[:300]}", path=src,
-                          hint="Run with CARE_DEBUG=1 for its full output")
+    try:
+        run_tool(cmd, what="onnxruntime-genai's model builder", env=env, path=src)
+    except ToolError as exc:
+        raise ExportError(f"onnxruntime-genai's model builder failed: {exc.detail or exc.message}", path=src,
+                          hint="Run with CARE_DEBUG=1 for its full output") from exc
 
 
 def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLike[str], precision: str = "int4",
@@ -178,14 +173,11 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
         job = {"onnx_dir": str(onnx_dir), "seqs": ref["seqs"], "corpus": list(TOKENIZER_CORPUS),
                "prompt": next((c["text"] for c in ref["chats"] if "text" in c), None), "gen_tokens": gen_tokens,
                "n_threads": n_threads or 0, "out": tmp}
-        (Path(tmp) / "job.json").write_text(json.dumps(job), encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", "care.export.onnx", "--worker", str(Path(tmp) / "job.json")],
-                              capture_output=True, text=True, errors="replace")
-        res_path = Path(tmp) / "result.json"
-        if proc.returncode != 0 or not res_path.is_file():
-            last = ([ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"])[-1]
-            raise VerificationError(f"onnxruntime-genai could not run the model: {last[:300]}", path=onnx_dir)
-        res = json.loads(res_path.read_text(encoding="utf-8"))
+        try:
+            res = run_worker("care.export.onnx", job, workdir=Path(tmp), what="onnxruntime-genai")
+        except WorkerError as exc:
+            raise VerificationError(f"onnxruntime-genai could not run the model: {exc.detail or exc.message}",
+                                    path=onnx_dir) from exc
         logits = [np.load(f) for f in res["logit_files"]]
         metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
     limit = by_size(KL_LIMITS[precision], ref["n_params"])
@@ -204,12 +196,11 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
     return report
 
 
-def _worker(job_path: str) -> int:
-    """Subprocess body: logits and a greedy reply through onnxruntime-genai."""
+def onnx_side(job: dict[str, Any]) -> dict[str, Any]:
+    """The worker: logits (saved as .npy) and a greedy reply through onnxruntime-genai."""
     import numpy as np
     import onnxruntime_genai as og
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     out = Path(job["out"])
     model = og.Model(og.Config(job["onnx_dir"]))
     tok = og.Tokenizer(model)
@@ -238,11 +229,8 @@ def _worker(job_path: str) -> int:
             new.append(int(gen.get_next_tokens()[0]))
         res["reply"] = tok.decode(np.asarray(new, dtype=np.int32))
         res["reply_tokens"] = len(new)
-    (out / "result.json").write_text(json.dumps(res), encoding="utf-8")
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m care.export.onnx --worker JOB.json")
+    sys.exit(worker_main(onnx_side))

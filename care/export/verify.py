@@ -17,19 +17,20 @@ while HF uses the short ones for short inputs, so a larger n_ctx would make a co
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from care.errors import InvalidModelError, VerificationError
+from care.errors import VerificationError, WorkerError
 from care.export.hf_source import inspect_model_dir
 from care.export.reference import EVAL_TEXTS, hf_reference, kl_limit, logit_metrics
+from care.gguf_file import read_header
 from care.models import check_gguf
+from care.proc import how_it_ended, run_worker, worker_main
 from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
@@ -45,85 +46,72 @@ F16_MAX_POSITION_KL = 2e-3
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Key facts of a GGUF read with the PyPI `gguf` reader (pure Python: cannot crash the process)."""
-    import gguf
+    """Key facts of a GGUF from its header (care.gguf_file: pure Python, cannot crash the process), and the
+    LongRoPE factor tensors' values."""
     import numpy as np
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # truncated files fail in numpy memmap / struct parsing with various types
-        raise InvalidModelError(f"Truncated or corrupt GGUF ({type(exc).__name__}: {exc})", path=path,
-                                hint="Re-export it with `care export gguf`") from exc
-    last = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if last > path.stat().st_size:
-        raise InvalidModelError("Truncated GGUF: tensor data runs past the end of the file", path=path,
-                                hint="Re-export it with `care export gguf`")
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        if field is None:
-            return None
-        v = field.contents()
-        return v
-
-    arch = value("general.architecture")
+    header = read_header(path)
+    meta_kv = header.metadata
+    arch = meta_kv.get("general.architecture")
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    for t in header.tensors:
+        types[tensor_type_name(t.ggml_type)] = types.get(tensor_type_name(t.ggml_type), 0) + 1
+    file_type = header.file_type
     meta: dict[str, Any] = {
-        "name": value("general.name"),
+        "name": meta_kv.get("general.name"),
         "architecture": arch,
-        "file_type": value("general.file_type"),
-        "context_length": value(f"{arch}.context_length"),
-        "chat_template": value("tokenizer.chat_template"),
-        "bos_token_id": value("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": value("tokenizer.ggml.eos_token_id"),
-        "eot_token_id": value("tokenizer.ggml.eot_token_id"),
-        "add_bos_token": value("tokenizer.ggml.add_bos_token"),
+        "file_type": meta_kv.get("general.file_type"),
+        "context_length": meta_kv.get(f"{arch}.context_length"),
+        "chat_template": meta_kv.get("tokenizer.chat_template"),
+        "bos_token_id": meta_kv.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta_kv.get("tokenizer.ggml.eos_token_id"),
+        "eot_token_id": meta_kv.get("tokenizer.ggml.eot_token_id"),
+        "add_bos_token": meta_kv.get("tokenizer.ggml.add_bos_token"),
         "tensor_types": types,
-        "n_tensors": len(reader.tensors),
-        "n_params": int(sum(int(np.prod(t.shape)) for t in reader.tensors)),
-        "provenance": {k: value(k) for k in reader.fields if k.startswith("care.")},
+        "n_tensors": len(header.tensors),
+        "n_params": int(sum(math.prod(t.shape) for t in header.tensors)),
+        "provenance": {k: v for k, v in meta_kv.items() if k.startswith("care.")},
+        # "Q4_K_M", "F16", "F32" (for ALL_F32); None for a number gguf-py does not know
+        "file_type_name": None if file_type is None or file_type.startswith("ftype ")
+        else file_type.removeprefix("ALL_"),
     }
     for which in ("long", "short"):
-        t = next((t for t in reader.tensors if t.name == f"rope_factors_{which}.weight"), None)
-        meta[f"rope_factors_{which}"] = None if t is None else [float(x) for x in np.asarray(t.data).ravel()]
-    try:
-        import gguf as _g
-
-        name = _g.LlamaFileType(int(meta["file_type"])).name
-        meta["file_type_name"] = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
-        meta["file_type_name"] = None
+        t = next((t for t in header.tensors if t.name == f"rope_factors_{which}.weight"), None)
+        dtype = None if t is None else {0: np.float32, 1: np.float16}.get(t.ggml_type)  # ggml F32, F16
+        meta[f"rope_factors_{which}"] = None if dtype is None else [float(x) for x in np.fromfile(
+            path, dtype=dtype, count=math.prod(t.shape), offset=header.data_offset + t.offset)]
     return meta
 
 
+def tensor_type_name(ggml_type: int) -> str:
+    """A ggml tensor type's name ("Q4_K", "F32") as gguf-py spells it."""
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
 # --------------------------------------------------------------------------------------------------------
-# llama.cpp side (subprocess)
+# llama.cpp side (a child worker: llama.cpp can abort the process on a bad file)
 
 
-def _run_worker(gguf_path: Path, job: dict[str, Any], workdir: Path, timeout: float | None) -> dict[str, Any]:
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job), encoding="utf-8")
-    cmd = [sys.executable, "-m", "care.export.verify", "--worker", str(job_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
-    result_path = workdir / "result.json"
-    if proc.returncode != 0 or not result_path.is_file():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        last = next((ln for ln in reversed(lines) if "error" in ln.lower() or "what()" in ln), None)
-        last = last or (lines[-1] if lines else f"exit code {proc.returncode}")
-        raise VerificationError(f"llama.cpp could not load or run the GGUF: {last.strip()[:300]}",
-                                path=gguf_path, hint="Re-export it with `care export gguf` (CARE_DEBUG=1 for "
-                                "the full log)")
-    return json.loads(result_path.read_text(encoding="utf-8"))
+def run_llama_worker(gguf_path: Path, job: dict[str, Any], workdir: Path, timeout: float | None) -> dict[str, Any]:
+    try:
+        return run_worker("care.export.verify", dict(job, workdir=str(workdir)), workdir=workdir, timeout=timeout,
+                          what="llama.cpp")
+    except WorkerError as exc:
+        detail = exc.detail or (how_it_ended(exc.returncode) if exc.returncode is not None else exc.message)
+        raise VerificationError(f"llama.cpp could not load or run the GGUF: {detail}", path=gguf_path,
+                                hint="Re-export it with `care export gguf` (CARE_DEBUG=1 for the full log)") from exc
 
 
-def _worker(job_path: str) -> int:
-    """Subprocess body: load the GGUF with llama.cpp, tokenize, render, score, generate."""
+def llama_side(job: dict[str, Any]) -> dict[str, Any]:
+    """The worker: load the GGUF with llama.cpp, tokenize, render, score, generate (logits saved as .npy)."""
     import numpy as np
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    workdir = Path(job_path).parent
+    workdir = Path(job["workdir"])
     llama_cpp = llama_compat.load()
 
     from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
@@ -135,11 +123,10 @@ def _worker(job_path: str) -> int:
     res: dict[str, Any] = {"corpus": {}, "chats": [], "seq_files": []}
     for text in job["corpus"]:
         res["corpus"][text] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     res["eos"] = llm.token_eos()
     res["bos"] = llm.token_bos()
-    res["eot"] = llm._model.token_eot()
-    res["is_eog"] = {str(t): bool(llama_cpp.llama_vocab_is_eog(vocab, int(t))) for t in job["eog_check"]}
+    res["eot"] = llama_compat.token_eot(llm)
+    res["is_eog"] = {str(t): llama_compat.is_eog(llm, int(t)) for t in job["eog_check"]}
     for i, ids in enumerate(job["seqs"]):
         llm.reset()
         llm.eval(ids)
@@ -160,8 +147,7 @@ def _worker(job_path: str) -> int:
         res["finish_reason"] = final.finish_reason
         res["stop_strings"] = engine.stop_strings
         engine.close()
-    (workdir / "result.json").write_text(json.dumps(res), encoding="utf-8")
-    return 0
+    return res
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -202,7 +188,7 @@ def verify_many(
         check_gguf(Path(path))
         metas[quant] = read_gguf_metadata(Path(path))
     if n_threads is None:
-        from care.runtime.engine import default_threads
+        from care.system import default_threads
 
         n_threads = default_threads()
     if hf_dtype == "auto":
@@ -223,7 +209,7 @@ def verify_many(
                "eog_check": [eot[0]] if eot else [], "lora": str((loras or {})[quant]) if quant in (loras or {})
                else None}
         with tempfile.TemporaryDirectory(prefix="care-verify-") as tmp:
-            res = _run_worker(Path(path), job, Path(tmp), timeout)
+            res = run_llama_worker(Path(path), job, Path(tmp), timeout)
             logits = [np.load(f) for f in res["seq_files"]]
             metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
         if logits_out is not None:
@@ -345,6 +331,4 @@ def format_table(report: dict[str, Any]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m care.export.verify --worker JOB.json")
+    sys.exit(worker_main(llama_side))
