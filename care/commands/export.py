@@ -326,7 +326,7 @@ def run_setup(args: argparse.Namespace) -> int:
         for name, path in build_tools(names, force=args.force).items():
             print(f"{name} ready: {path}")
         return 0
-    from care.export.converter import setup_converter
+    from care.toolchain.llamacpp.converter_setup import setup_converter
 
     print("Fetching llama.cpp's converter for the installed llama-cpp-python (pip download, ~75 MB)...",
           file=sys.stderr)
