@@ -241,8 +241,8 @@ def test_smollm2_imatrix_export_beats_plain_and_records_both(smollm_hf, tmp_path
     _tools_or_skip()
     from care.export.gguf import export_gguf
     from care.export.imatrix import PLAIN_SUFFIX
-    from care.system import sha256_file
     from care.pipeline import sample_file
+    from care.system import sha256_file
 
     hf = smollm_hf
     out = tmp_path / "out"

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from care.artifacts import MERGE_INFO, read_merge_info
 from care import proc
+from care.artifacts import MERGE_INFO, read_merge_info
 from care.errors import CareError, ConfigError, DataError, ExportError, ToolError
 from care.io import atomic_path
 
