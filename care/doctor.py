@@ -6,20 +6,23 @@ install, which has no torch, still gets a report). Every problem carries a one-l
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import json
 import logging
 import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from care.errors import WorkerError
+from care.proc import run_worker, worker_main
+from care.runtime.llama_build import CPU_FLAGS, classify_build, host_cpu_flags, system_info_features, zmm_in
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +56,6 @@ PHI35_MERGE_GPU_GB = 17.5
 NEEDS_SOURCE = ("estimates from parameter counts x bytes per weight (SmolLM2 0.135B, Phi-3.5-mini 3.82B; merge "
                 "and export verification hold an fp32 copy); Phi-3.5 chat figures measured (docs/bundle-and-phones.md: Q4_K_M 2.40 GB, "
                 "phone profile 3.15 GB peak RSS); Phi-3.5 train GPU figure is the 14 GB target, not a measurement")
-# CPU features llama.cpp reports in its system info, and the /proc/cpuinfo flag for each.
-CPU_FLAGS = {"SSE3": "pni", "SSSE3": "ssse3", "AVX": "avx", "AVX2": "avx2", "F16C": "f16c", "FMA": "fma",
-             "BMI2": "bmi2", "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
-             "AVX512_BF16": "avx512_bf16", "AVX_VNNI": "avx_vnni", "AMX_INT8": "amx_int8"}
-
-
 def _problem(report: dict[str, Any], check: str, message: str, fix: str, severity: str = "warning") -> None:
     report["problems"].append({"check": check, "severity": severity, "message": message, "fix": fix})
 
@@ -72,7 +69,7 @@ def _version(dist: str) -> str | None:
 
 # -- torch, GPUs, precision, bitsandbytes ------------------------------------------------------------------
 
-def _torch_section(report: dict[str, Any], bnb_proc: subprocess.Popen | None) -> None:
+def _torch_section(report: dict[str, Any], bnb_proc: Future[dict[str, Any]] | None) -> None:
     if importlib.util.find_spec("torch") is None:
         report["torch"] = {"installed": False}
         report["gpus"] = []
@@ -167,68 +164,34 @@ def bnb_roundtrip(device: str | None = None) -> dict[str, Any]:
     return out
 
 
-def _start_bnb_check(device: str | None = None) -> subprocess.Popen:
-    """bitsandbytes in a child process: importing it takes seconds (run alongside the other checks), and a
-    broken CUDA setup can kill the process that tries it."""
-    code = f"import json; from care.doctor import bnb_roundtrip; print(json.dumps(bnb_roundtrip({device!r})))"
-    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _finish_bnb_check(proc: subprocess.Popen, device: str) -> dict[str, Any]:
-    """The child's report, or why there is none."""
+def _start_bnb_check(device: str | None = None) -> Future[dict[str, Any]]:
+    """bitsandbytes in a child process (a care.proc worker: this module), from a thread: importing it takes
+    seconds (run alongside the other checks), and a broken CUDA setup can kill the process that tries it."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="care-bnb-check")
     try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return {"version": _version("bitsandbytes"), "device": device, "works": False,
-                "error": "the 4-bit round trip did not finish in 120 s"}
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-        return {"version": _version("bitsandbytes"), "device": device, "works": False,
-                "error": f"the check process died: {tail[0][:300]}"}
-    return json.loads(lines[-1])
+        return pool.submit(_bnb_child, device)
+    finally:
+        pool.shutdown(wait=False)  # the check runs on; the thread ends with it
+
+
+def _bnb_child(device: str | None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="care-doctor-") as work:
+        try:
+            return run_worker("care.doctor", {"device": device}, workdir=Path(work), timeout=120,
+                              what="the 4-bit check")["report"]
+        except WorkerError as exc:
+            why = ("the 4-bit round trip did not finish in 120 s" if exc.timed_out
+                   else f"the check process died: {(exc.detail or exc.message)[:300]}")
+            return {"version": _version("bitsandbytes"), "device": device, "works": False, "error": why}
+
+
+def _finish_bnb_check(check: Future[dict[str, Any]], device: str) -> dict[str, Any]:
+    """The child's report, or why there is none."""
+    report = check.result()
+    return {**report, "device": report.get("device") or device}
 
 
 # -- llama.cpp build -----------------------------------------------------------------------------------------
-
-def host_cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    m = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    return set(m.group(1).split()) if m else set()
-
-
-@functools.lru_cache(maxsize=4)
-def _system_info_features(lib_stamp: tuple = ()) -> dict[str, bool]:  # noqa: ARG001 - lib_stamp: the cache key
-    """The CPU features llama.cpp was compiled to use (its system info line), in a child process: loading the
-    library is cheap, and a native build for another CPU that dies on an illegal instruction must not take the
-    doctor down with it."""
-    code = "from care.runtime import llama_compat; print(llama_compat.load().llama_print_system_info().decode())"
-    try:
-        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(str(exc)) from exc
-    if res.returncode != 0:
-        raise RuntimeError(f"loading llama_cpp failed (exit {res.returncode}): {res.stderr.strip()[-200:]}")
-    return {k: v == "1" for k, v in re.findall(r"([A-Z0-9_]+) = ([01])", res.stdout)}
-
-
-@functools.lru_cache(maxsize=4)
-def _zmm_in(lib: Path, lib_stamp: tuple = ()) -> int | None:  # noqa: ARG001 - lib_stamp: the cache key
-    """AVX-512 (zmm register) instructions in a shared library, by objdump; None without objdump."""
-    if not shutil.which("objdump"):
-        return None
-    try:
-        res = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
-                             timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return res.stdout.count("%zmm")
-
 
 def llama_cpp_section(report: dict[str, Any]) -> None:
     out: dict[str, Any] = {"version": _version("llama-cpp-python")}
@@ -249,7 +212,7 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     if not cpu_module_section(report, out):
         return
     try:
-        used = _system_info_features(stamp)
+        used = system_info_features(stamp)
     except RuntimeError as exc:
         out["error"] = str(exc)
         _problem(report, "llama.cpp", f"the llama.cpp library does not load: {exc}",
@@ -259,7 +222,7 @@ def llama_cpp_section(report: dict[str, Any]) -> None:
     out["used_features"] = sorted(k for k in CPU_FLAGS if used.get(k))
     cpu_lib = lib_dir / "libggml-cpu.so" if lib_dir else None
     if cpu_lib is not None and cpu_lib.is_file() and not variants:
-        out["zmm_instructions"] = _zmm_in(cpu_lib, stamp)
+        out["zmm_instructions"] = zmm_in(cpu_lib, stamp)
     build, missing, unused = classify_build(set(out["host_features"]), set(out["used_features"]), variants,
                                             out.get("zmm_instructions"))
     out["build"], out["unused_host_features"] = build, unused
@@ -296,27 +259,6 @@ def cpu_module_section(report: dict[str, Any], out: dict[str, Any]) -> bool:
                  f"using {choice.name}", "nothing to do (chat works); run `python -m care.runtime.cpu_guard --recheck` "
                  "after updating llama-cpp-python", "info")
     return True
-
-
-def classify_build(host: set[str], used: set[str], variants: list[str], zmm: int | None = None
-                   ) -> tuple[str, list[str], list[str]]:
-    """(build kind, features the build uses that the host lacks, host features the build leaves unused).
-    Per-variant libggml-cpu-*.so files mean runtime dispatch (GGML_CPU_ALL_VARIANTS): portable by design.
-    Otherwise the compiled-in features decide; AVX-512 (zmm) instructions found in libggml-cpu.so count as
-    used AVX512 even where the system info line does not say so."""
-    if zmm and "AVX512" not in used:
-        used = used | {"AVX512"}
-    if variants:
-        return "portable (runtime CPU dispatch: " + ", ".join(variants) + ")", [], []
-    missing = sorted(used - host)
-    unused = sorted(host - used)
-    if missing:
-        return "native for another CPU", missing, unused
-    if not unused:
-        extra = sorted(used - {"SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2"})
-        note = f"; a copy runs only on CPUs with {', '.join(extra)}" if extra else ""
-        return f"native (uses every feature this CPU has{note})", [], []
-    return "portable (baseline features)", [], unused
 
 
 # -- converter, data, resources ------------------------------------------------------------------------------
@@ -425,3 +367,7 @@ def run_checks(torch: bool = True) -> dict[str, Any]:
     resources_section(report)
     report["elapsed_s"] = round(time.perf_counter() - t0, 2)
     return report
+
+
+if __name__ == "__main__":  # the bitsandbytes check's child (_start_bnb_check)
+    raise SystemExit(worker_main(lambda job: {"report": bnb_roundtrip(job.get("device"))}))

@@ -15,11 +15,13 @@ raises InvalidModelError naming the path and, inside the metadata, the key being
 
 from __future__ import annotations
 
+import functools
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from care.errors import InvalidModelError, ModelNotFoundError
 
@@ -31,6 +33,7 @@ REEXPORT_HINT = "Re-export it with `care export gguf` (or download it again)"
 # GGUF value types (8: string, 9: array) and the struct format of each fixed-size one.
 STRING, ARRAY = 8, 9
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in set(_SCALARS.values())}
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ class GGUFHeader:
         return {t.name: nxt[t.offset] - t.offset for t in self.tensors}
 
 
+def has_magic(path: str | os.PathLike[str]) -> bool:
+    """Whether the file starts with the GGUF magic (a quick sniff; read_header checks the rest)."""
+    with Path(path).open("rb") as fh:
+        return fh.read(4) == MAGIC
+
+
 def file_type_name(ftype: object) -> str | None:
     """A general.file_type value as its name (Q4_K_M); "ftype N" for a number gguf-py does not know or when it is
     not installed; None for None."""
@@ -77,6 +86,7 @@ def file_type_name(ftype: object) -> str | None:
         return f"ftype {ftype}"
 
 
+@functools.lru_cache(maxsize=1)
 def _type_sizes() -> dict[int, tuple[int, int]]:
     try:
         from gguf.constants import GGML_QUANT_SIZES
@@ -86,27 +96,53 @@ def _type_sizes() -> dict[int, tuple[int, int]]:
 
 
 class _Reader:
-    def __init__(self, fh: BinaryIO, path: Path, size: int) -> None:
-        self.fh, self.path, self.size = fh, path, size
-        self.key = ""  # the metadata key being read, for the error message
+    """Reads the header from a memory map of the file, by offset (no Python file call per value)."""
+
+    def __init__(self, buf: Any, path: Path, size: int) -> None:
+        self.buf, self.path, self.size = buf, path, size
+        self.pos = 0
+        self.key = ""  # what is being read, for the error message
 
     def fail(self, what: str) -> InvalidModelError:
         where = f" (reading {self.key})" if self.key else ""
         return InvalidModelError(f"{what}{where}: {self.path}", path=self.path, hint=REEXPORT_HINT)
 
+    def truncated(self) -> InvalidModelError:
+        return self.fail(f"Truncated GGUF header at byte {min(self.pos, self.size)}")
+
     def take(self, n: int) -> bytes:
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise self.fail(f"Truncated GGUF header at byte {self.fh.tell()}")
+        if self.pos + n > self.size:
+            raise self.truncated()
+        data = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
         return data
 
     def num(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+        st = _STRUCTS[fmt]
+        if self.pos + st.size > self.size:
+            raise self.truncated()
+        (value,) = st.unpack_from(self.buf, self.pos)
+        self.pos += st.size
+        return value
 
     def skip(self, n: int) -> None:
-        if n < 0 or self.fh.tell() + n > self.size:
-            raise self.fail(f"Truncated GGUF header at byte {self.fh.tell()}")
-        self.fh.seek(n, os.SEEK_CUR)
+        if n < 0 or self.pos + n > self.size:
+            raise self.truncated()
+        self.pos += n
+
+    def skip_strings(self, count: int) -> None:
+        """Step over `count` strings (a vocabulary) without decoding them."""
+        pos, size, buf, unpack = self.pos, self.size, self.buf, _STRUCTS["<Q"].unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            pos += 8 + unpack(buf, pos)[0]
+        else:
+            if pos <= size:
+                self.pos = pos
+                return
+        self.pos = min(pos, size)
+        raise self.truncated()
 
     def string(self) -> str:
         n = self.num("<Q")
@@ -127,8 +163,7 @@ class _Reader:
         if arrays:
             return [self.value(etype, arrays) for _ in range(count)]
         if etype == STRING:
-            for _ in range(count):
-                self.skip(self.num("<Q"))
+            self.skip_strings(count)
         elif etype in _SCALARS:
             self.skip(struct.calcsize(_SCALARS[etype]) * count)
         else:
@@ -137,61 +172,68 @@ class _Reader:
         return count
 
 
-def read_header(path: str | os.PathLike[str], *, arrays: bool = False) -> GGUFHeader:
+def read_header(path: str | os.PathLike[str], *, arrays: bool = False, check_data: bool = True) -> GGUFHeader:
     """The header of the GGUF at `path` (see the module docstring); raises ModelNotFoundError or
-    InvalidModelError (path, key being read, fix) for a missing, non-GGUF, truncated or unreadable file."""
+    InvalidModelError (path, key being read, fix) for a missing, non-GGUF, truncated or unreadable file.
+    check_data=False reads a complete header without checking that the file holds all the tensor data."""
     path = Path(path)
     if not path.is_file():
         raise ModelNotFoundError(f"GGUF file not found: {path}", path=path, hint="Check the path or run `care models`")
     try:
         with path.open("rb") as fh:
             size = os.fstat(fh.fileno()).st_size
-            r = _Reader(fh, path, size)
             if fh.read(4) != MAGIC:
                 raise InvalidModelError(f"Not a GGUF file: {path}", path=path,
                                         hint="Pass a .gguf made by `care export gguf` or llama.cpp")
-            version = r.num("<I")
-            if version not in SUPPORTED_VERSIONS:
-                raise InvalidModelError(f"Unsupported GGUF version {version}: {path}", path=path, hint=REEXPORT_HINT)
-            n_tensors, n_kv = r.num("<Q"), r.num("<Q")
-            if n_tensors > size or n_kv > size:
-                raise r.fail(f"Corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
-            meta: dict[str, Any] = {}
-            skipped: list[str] = []
-            for i in range(n_kv):
-                r.key = f"the name of metadata key {i + 1} of {n_kv}"
-                key = r.string()
-                r.key = f"key '{key}'"
-                vtype = r.num("<I")
-                meta[key] = r.value(vtype, arrays)
-                if vtype == ARRAY and not arrays:
-                    skipped.append(key)
-            r.key = "the tensor table"
-            sizes = _type_sizes()
-            tensors = []
-            for _ in range(n_tensors):
-                name = r.string()
-                shape = tuple(r.num("<Q") for _ in range(r.num("<I")))
-                ggml_type, offset = r.num("<I"), r.num("<Q")
-                nbytes = None
-                if ggml_type in sizes:
-                    block, type_size = sizes[ggml_type]
-                    count = 1
-                    for d in shape:
-                        count *= d
-                    nbytes = count // block * type_size
-                tensors.append(TensorInfo(name, shape, ggml_type, offset, nbytes))
-            r.key = ""
-            alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
-            start = fh.tell()
-            data_offset = start + (-start) % alignment
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                header = _walk(_Reader(buf, path, size), arrays)
     except OSError as exc:
         raise InvalidModelError(f"Cannot read the GGUF file: {exc.strerror or exc}: {path}", path=path,
                                 hint="Check its permissions (chmod a+r) and the disk") from exc
-    header = GGUFHeader(path, version, meta, tensors, data_offset, size, skipped)
-    data = size - data_offset
-    for t in tensors:
+    data = size - header.data_offset
+    for t in header.tensors if check_data else ():
         if t.offset > data or (t.nbytes is not None and t.offset + t.nbytes > data):
             raise InvalidModelError(f"Truncated GGUF: tensor '{t.name}' ends past the end of the file "
                                     f"({size} bytes): {path}", path=path, hint=REEXPORT_HINT)
     return header
+
+
+def _walk(r: _Reader, arrays: bool) -> GGUFHeader:
+    """The header fields after the magic."""
+    path, size = r.path, r.size
+    r.pos = 4
+    version = r.num("<I")
+    if version not in SUPPORTED_VERSIONS:
+        raise InvalidModelError(f"Unsupported GGUF version {version}: {path}", path=path, hint=REEXPORT_HINT)
+    n_tensors, n_kv = r.num("<Q"), r.num("<Q")
+    if n_tensors > size or n_kv > size:
+        raise r.fail(f"Corrupt GGUF header ({n_tensors} tensors, {n_kv} keys)")
+    meta: dict[str, Any] = {}
+    skipped: list[str] = []
+    for i in range(n_kv):
+        r.key = f"the name of metadata key {i + 1} of {n_kv}"
+        key = r.string()
+        r.key = f"key '{key}'"
+        vtype = r.num("<I")
+        meta[key] = r.value(vtype, arrays)
+        if vtype == ARRAY and not arrays:
+            skipped.append(key)
+    r.key = "the tensor table"
+    sizes = _type_sizes()
+    tensors = []
+    for _ in range(n_tensors):
+        name = r.string()
+        shape = tuple(r.num("<Q") for _ in range(r.num("<I")))
+        ggml_type, offset = r.num("<I"), r.num("<Q")
+        nbytes = None
+        if ggml_type in sizes:
+            block, type_size = sizes[ggml_type]
+            count = 1
+            for d in shape:
+                count *= d
+            nbytes = count // block * type_size
+        tensors.append(TensorInfo(name, shape, ggml_type, offset, nbytes))
+    r.key = ""
+    alignment = int(meta.get("general.alignment", DEFAULT_ALIGNMENT)) or DEFAULT_ALIGNMENT
+    data_offset = r.pos + (-r.pos) % alignment
+    return GGUFHeader(path, version, meta, tensors, data_offset, size, skipped)

@@ -61,17 +61,18 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~process_umask()
 
 
-def make_readable(path: str | os.PathLike[str]) -> None:
-    """Give a file written through a temp file the mode a plain open() would have given it."""
+def make_readable(path: str | os.PathLike[str], mode: int = 0o666) -> None:
+    """Give a file written through a temp file the mode a plain open() would have given it (`mode` 0o777 for an
+    executable, less the umask)."""
     path = Path(path)
     if path.is_file():
-        os.chmod(path, umask_mode())
+        os.chmod(path, umask_mode(mode))
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], suffix: str = "", mode: int = 0o666) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds (with the mode a
-    plain open() would give it: umask_mode)."""
+    plain open() would give it: umask_mode(mode); 0o777 for an executable)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".part", dir=target.parent)
@@ -79,7 +80,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        make_readable(tmp_path)
+        make_readable(tmp_path, mode)
         os.replace(tmp_path, target)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)

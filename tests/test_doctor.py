@@ -11,6 +11,7 @@ import pytest
 from care import doctor
 from care.cli import main
 from care.commands.doctor import format_report
+from care.runtime import llama_build
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_report_on_this_machine_has_every_section(report):
     assert bnb["works"] is runs and (runs or bnb["error"])
     lc = report["llama_cpp"]
     assert isinstance(lc["version"], str) and isinstance(lc["build"], str)
-    assert set(lc["used_features"]) <= set(doctor.CPU_FLAGS)
+    assert set(lc["used_features"]) <= set(llama_build.CPU_FLAGS)
     assert isinstance(report["converter"]["present"], bool)
     assert isinstance(report["shared_data"]["present"], bool)
     res = report["resources"]
@@ -103,7 +104,7 @@ def test_runtime_only_mode_never_imports_torch():
      []),
 ])
 def test_llama_cpp_build_classification(host, used, variants, zmm, kind, missing):
-    build, miss, _ = doctor.classify_build(host, used, variants, zmm)
+    build, miss, _ = llama_build.classify_build(host, used, variants, zmm)
     assert build.startswith(kind) and miss == missing
 
 
@@ -121,7 +122,7 @@ def test_torch_kernels_for_capability(arch_list, cap, ok):
 def test_simulated_p100_gets_fp16_and_fixes(monkeypatch):
     """The GPU branch on a simulated Tesla P100 (6.0, 16 GB) with a torch build lacking sm_60 kernels and a
     bitsandbytes check that fails there: fp16 + loss scaling, and a fix line for each problem."""
-    import subprocess as sp
+    from concurrent.futures import Future
     from types import SimpleNamespace
 
     import torch
@@ -131,10 +132,14 @@ def test_simulated_p100_gets_fp16_and_fixes(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: p100)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
-    fail = ('import json; print(json.dumps({"version": "0.50.2", "device": "cuda", "works": False, '
-            '"error": "RuntimeError: no kernel image"}))')
-    monkeypatch.setattr(doctor, "_start_bnb_check", lambda device=None: sp.Popen(
-        [sys.executable, "-c", fail], stdout=sp.PIPE, stderr=sp.PIPE, text=True))
+    fail = {"version": "0.50.2", "device": "cuda", "works": False, "error": "RuntimeError: no kernel image"}
+
+    def failing_check(device=None):  # what the child reports on such a GPU
+        done: Future = Future()
+        done.set_result(fail)
+        return done
+
+    monkeypatch.setattr(doctor, "_start_bnb_check", failing_check)
     report = {"problems": []}
     doctor._torch_section(report, None)
     (gpu,) = report["gpus"]

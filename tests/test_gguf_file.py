@@ -104,3 +104,12 @@ def test_not_a_gguf_missing_and_wrong_version(model, tmp_path):
     v9.write_bytes(bytes(data))
     with pytest.raises(InvalidModelError, match="Unsupported GGUF version 9"):
         read_header(v9)
+
+
+def test_check_data_off_reads_a_file_cut_in_its_tensor_data(model, tmp_path):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model.read_bytes()[:-100])
+    h = read_header(cut, check_data=False)
+    assert [t.name for t in h.tensors][-1] == "output.weight"
+    with pytest.raises(InvalidModelError, match="Truncated GGUF: tensor 'output.weight'"):
+        read_header(cut)

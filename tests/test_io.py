@@ -42,3 +42,13 @@ def test_process_umask_is_read_without_changing_it():
         assert os.umask(0o027) == 0o027  # still what it was set to
     finally:
         os.umask(old)
+
+
+def test_an_executable_gets_the_exec_bits_open_would_give(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "llama-simple", mode=0o777) as tmp:
+            tmp.write_bytes(b"#!/bin/sh\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "llama-simple").stat().st_mode) == 0o755

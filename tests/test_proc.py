@@ -27,8 +27,14 @@ def py(code: str) -> list[str]:
 
 # -- error_line -------------------------------------------------------------------------------------------
 def test_error_line_picks_the_last_error_looking_line():
-    lines = ["loading model", "error: first problem", "llama_model_load: tensor 'x' is missing", "exiting"]
+    lines = ["loading model", "llama_model_load: tensor 'x' is missing", "exiting"]
     assert error_line(lines) == "llama_model_load: tensor 'x' is missing"
+    # A line naming the error beats a later one that only says something failed.
+    build = ["[12/80] Building CXX object ggml.o", "ggml.c:12:3: error: 'foo' undeclared", "FAILED: ggml.o",
+             "ninja: build stopped: subcommand failed."]
+    assert error_line(build) == "ggml.c:12:3: error: 'foo' undeclared"
+    assert error_line(["x", "OSError: [Errno 28] No space left on device", "cleanup failed"]) == \
+        "OSError: [Errno 28] No space left on device"
     assert error_line(["convert: ok", "NotImplementedError: Architecture Foo not supported", "bye"]) == \
         "NotImplementedError: Architecture Foo not supported"
     assert error_line(["main: quantizing", "main: failed to quantize model", "done"]) == \

@@ -125,3 +125,22 @@ def test_engine_config_from_profile_and_overrides():
     assert (laptop.type_k, laptop.type_v, laptop.flash_attn, laptop.n_threads, laptop.n_ctx) == (
         "q4_0", "q4_0", True, 3, 1024)
     assert laptop.repack is None and laptop.context_policy == "drop"
+
+
+def test_sampling_defaults_have_one_home():
+    """The command line's sampling defaults are SamplingConfig's, and the typed options load without argparse."""
+    import argparse
+
+    from care.commands.chat import add_arguments, engine_options, sampling_from_args
+    from care.runtime.backend import SamplingConfig
+    from care.runtime.loader import EngineOptions, engine_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    assert sampling_from_args(args) == SamplingConfig() == sampling_from_args(argparse.Namespace())
+    assert engine_options(args) == EngineOptions(sampling=SamplingConfig())
+    cfg = engine_config(EngineOptions(profile="phone", n_ctx=1024, sampling=SamplingConfig(max_tokens=7)))
+    assert cfg.n_ctx == 1024 and cfg.type_k == "q8_0" and cfg.sampling.max_tokens == 7
+    assert SamplingConfig.greedy(5) == SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0,
+                                                      max_tokens=5)

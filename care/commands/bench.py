@@ -41,10 +41,11 @@ def run(args: argparse.Namespace) -> int:
 
     from care.io import write_json
     from care.models import resolve_gguf
-    from care.runtime.bench import BenchConfig, add_decode_bound, physical_cores, run_isolated
+    from care.runtime.bench import BenchConfig, add_decode_bound, run_isolated
     from care.runtime.loader import is_onnx_folder
     from care.runtime.membw import read_bandwidth
     from care.runtime.profiles import kv_label, resolve
+    from care.system import physical_cores
 
     # The llama.cpp settings (KV type, repack, mmap) do not apply to an ONNX folder; threads and n_ctx do.
     model = Path(args.model) if is_onnx_folder(args.model) else resolve_gguf(args.model)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from care.runtime.loader import parse_languages
+from care.runtime.backend import EngineConfig, SamplingConfig
+from care.runtime.loader import EngineOptions, parse_languages
 
 __all__ = ["add_arguments", "add_engine_arguments", "add_sampling_arguments", "engine_config_from_args",
-           "load_engine", "parse_languages", "run"]
+           "engine_options", "load_engine", "parse_languages", "run", "sampling_from_args"]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +37,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--top-p", type=float, default=0.9)
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--repeat-penalty", type=float, default=1.1)
-    parser.add_argument("--seed", type=int, default=None)
+    """The sampling options; their defaults are SamplingConfig's (the one home of sampling defaults)."""
+    d = SamplingConfig()
+    parser.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--top-p", type=float, default=d.top_p)
+    parser.add_argument("--top-k", type=int, default=d.top_k)
+    parser.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty)
+    parser.add_argument("--seed", type=int, default=d.seed)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,17 +68,47 @@ def _notice_line(notice) -> str:
     return f"[SAFETY {notice.category}] {notice.message}"
 
 
-def engine_config_from_args(args: argparse.Namespace):
-    from care.runtime.loader import engine_config_from_args
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    """SamplingConfig from the sampling options; an option a command does not have keeps SamplingConfig's default."""
+    d = SamplingConfig()
+    return SamplingConfig(
+        temperature=getattr(args, "temperature", d.temperature),
+        top_p=getattr(args, "top_p", d.top_p),
+        top_k=getattr(args, "top_k", d.top_k),
+        repeat_penalty=getattr(args, "repeat_penalty", d.repeat_penalty),
+        seed=getattr(args, "seed", d.seed),
+        max_tokens=getattr(args, "max_tokens", d.max_tokens),
+    )
 
-    return engine_config_from_args(args)
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """The typed engine options (care.runtime.loader.EngineOptions) from the command line (chat, serve, the TUI)."""
+    d = EngineOptions()
+    return EngineOptions(
+        model=getattr(args, "model", None),
+        profile=getattr(args, "profile", None) or d.profile,
+        kv_type=getattr(args, "kv_type", None),
+        n_ctx=getattr(args, "n_ctx", None),
+        threads=getattr(args, "threads", None),
+        context=getattr(args, "context", None) or d.context,
+        chat_template=getattr(args, "chat_template", None),
+        lora=getattr(args, "lora", None),
+        adapters=getattr(args, "adapters", None),
+        sampling=sampling_from_args(args),
+    )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    from care.runtime.loader import engine_config
+
+    return engine_config(engine_options(args))
 
 
 def load_engine(args: argparse.Namespace):
     """The engine for --model with the command line's options (care.runtime.load_engine)."""
-    from care.runtime.loader import load_from_args
+    from care.runtime.loader import load_with_options
 
-    return load_from_args(args)
+    return load_with_options(engine_options(args))
 
 
 def run(args: argparse.Namespace) -> int:

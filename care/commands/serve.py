@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     require("starlette", "runtime")
     import uvicorn
 
-    from care.runtime.loader import engine_config_from_args, load_from_args
+    from care.commands.chat import engine_config_from_args, load_engine
 
     if args.upstream:
         from care.runtime.upstream import UpstreamBackend
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
                                  model=args.upstream_model, config=engine_config_from_args(args),
                                  n_ctx=args.n_ctx, read_timeout_s=args.upstream_timeout)
     else:
-        engine = load_from_args(args)
+        engine = load_engine(args)
     try:
         limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_messages", args.max_messages))
                   if v is not None}

@@ -16,18 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import EvalError, InvalidModelError, ModelNotFoundError, require
-from care.io import sha256_file
 from care.runtime import llama_compat
+from care.system import default_threads, sha256_file
 
 log = logging.getLogger(__name__)
 
 Message = dict[str, str]
-
-
-def eval_threads() -> int:
-    from care.runtime.engine import default_threads
-
-    return default_threads()
 
 
 def _log_softmax(row) -> Any:
@@ -101,7 +95,7 @@ class HFBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(threads or eval_threads())
+        torch.set_num_threads(threads or default_threads())
         self.gguf_file = gguf_file
         folder = self.path
         if gguf_file is None:
@@ -193,7 +187,7 @@ class GGUFBackend(Backend):
         require("llama_cpp", "runtime")
         llama_cpp = llama_compat.load()
 
-        self.threads = threads or eval_threads()
+        self.threads = threads or default_threads()
         self.n_ctx = n_ctx
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=self.threads,
@@ -204,16 +198,16 @@ class GGUFBackend(Backend):
                                     hint="Check that the file is a complete GGUF (re-export it with `care export gguf`)"
                                     ) from exc
         # Cut contexts at the trained length like HFBackend does (max_position_embeddings), not past it.
-        n_train = getattr(self.llm._model, "n_ctx_train", lambda: 0)()  # noqa: SLF001
+        n_train = llama_compat.n_ctx_train(self.llm)
         self.max_length = min(self.llm.n_ctx(), n_train or self.llm.n_ctx(), 4096)
         self.n_vocab = self.llm.n_vocab()
         self._engine = None
 
     @property
     def quant_type(self) -> str:
-        from care.runtime.engine import file_type_name
+        from care.gguf_file import file_type_name
 
-        return file_type_name(self.llm.metadata or {})
+        return file_type_name((self.llm.metadata or {}).get("general.file_type")) or "unknown"
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "quant": self.quant_type}
@@ -223,11 +217,7 @@ class GGUFBackend(Backend):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def _last_logprobs(self):
-        llama_cpp = llama_compat.load()
-        import numpy as np
-
-        ptr = llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, -1)  # noqa: SLF001 - no public accessor
-        return _log_softmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
+        return _log_softmax(llama_compat.logits_ith(self.llm, -1))
 
     def token_logprobs(self, context: list[int], continuations: Sequence[list[int]]) -> list[float]:
         self.llm.reset()
@@ -251,8 +241,8 @@ class GGUFBackend(Backend):
         if self._engine is None:
             self._engine = load_engine(self.path, EngineConfig(
                 n_ctx=self.n_ctx, n_threads=self.threads,
-                sampling=SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)))
-        sampling = SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)
+                sampling=SamplingConfig.greedy(max_tokens)))
+        sampling = SamplingConfig.greedy(max_tokens)
         return self._engine.generate(messages, sampling).text.strip()
 
     def close(self) -> None:
@@ -316,7 +306,7 @@ class ONNXBackend(Backend):
         from care.runtime.backend import EngineConfig, SamplingConfig
         from care.runtime.onnx_engine import OnnxChatEngine
 
-        sampling = SamplingConfig(temperature=0.0, top_k=1, repeat_penalty=1.0, seed=0, max_tokens=max_tokens)
+        sampling = SamplingConfig.greedy(max_tokens)
         if self._engine is None:
             self._engine = OnnxChatEngine(self.path, EngineConfig(n_ctx=self.max_length, sampling=sampling),
                                           loaded=(self.model, self.tokenizer))
@@ -335,7 +325,7 @@ def open_backend(spec: str, *, threads: int | None = None, n_ctx: int = 4096) ->
     """A backend for `--model`: a .gguf file or known GGUF name, an HF folder, an ONNX folder; LABEL=PATH names it.
 
     `hf:FILE.gguf` (or `hf:smollm2`) loads a GGUF through transformers instead of llama.cpp."""
-    from care.models import _lookup, resolve_gguf
+    from care.models import lookup, resolve_gguf
 
     label, text = parse_model_spec(spec)
     force_hf = text.startswith("hf:")
@@ -344,7 +334,7 @@ def open_backend(spec: str, *, threads: int | None = None, n_ctx: int = 4096) ->
     if force_hf and path.is_file():
         # A GGUF read by transformers (dequantized to float32): the reference side of HF-vs-llama.cpp checks.
         return HFBackend(path.parent, label or f"hf-{path.stem}", gguf_file=path.name, threads=threads)
-    if force_hf and _lookup(text) is not None:
+    if force_hf and lookup(text) is not None:
         gguf_path = resolve_gguf(text)
         return HFBackend(gguf_path.parent, label or f"hf-{gguf_path.stem}", gguf_file=gguf_path.name, threads=threads)
     if path.is_dir():
@@ -357,14 +347,12 @@ def open_backend(spec: str, *, threads: int | None = None, n_ctx: int = 4096) ->
         raise EvalError("This folder holds no model that can produce logits", path=path,
                         hint="Pass a transformers folder (config.json), an ONNX folder (genai_config.json) or a .gguf")
     if path.is_file() and path.suffix.lower() != ".gguf":
-        from care.models import GGUF_MAGIC
+        from care.gguf_file import has_magic
 
-        with path.open("rb") as fh:
-            is_gguf = fh.read(4) == GGUF_MAGIC
-        if not is_gguf:
+        if not has_magic(path):
             raise EvalError(f"Cannot produce logits from a '{path.suffix or path.name}' file", path=path,
                             hint="Pass a .gguf file, a transformers model folder or an ONNX folder")
-    if path.exists() or _lookup(text) is not None:
+    if path.exists() or lookup(text) is not None:
         return GGUFBackend(resolve_gguf(text), label, n_ctx=n_ctx, threads=threads)
     raise ModelNotFoundError(f"Model '{text}' not found",
                              hint="Pass a .gguf file, a transformers folder, an ONNX folder or a known name (care models)")

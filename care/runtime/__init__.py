@@ -20,7 +20,8 @@ _EXPORTS = {
     "OnnxChatEngine": "care.runtime.onnx_engine",
     "ChatSession": "care.runtime.session",
     "load_engine": "care.runtime.loader",
-    "engine_config_from_args": "care.runtime.loader",
+    "EngineOptions": "care.runtime.loader",
+    "engine_config": "care.runtime.loader",
     "is_onnx_folder": "care.runtime.loader",
 }
 

@@ -12,7 +12,6 @@ the adapter named like its domain, a server request the one its `model` or `lora
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -73,9 +72,6 @@ class AdapterSet:
     """GGUF LoRA adapters loaded on one llama-cpp-python `Llama`; `apply()` makes a set of them active."""
 
     def __init__(self, llm: Any, adapters: dict[str, str | os.PathLike[str]]) -> None:
-        llama_cpp = llama_compat.load()
-
-        self._lib = llama_cpp
         self.llm = llm
         self.paths: dict[str, Path] = {}
         self._handles: dict[str, Any] = {}
@@ -88,7 +84,7 @@ class AdapterSet:
                 if not p.is_file():
                     raise ModelNotFoundError(f"Adapter {name!r} not found", path=p,
                                              hint="Export it with `care export gguf-lora`")
-                handle = llama_cpp.llama_adapter_lora_init(llm._model.model, str(p).encode("utf-8"))
+                handle = llama_compat.lora_init(llm, str(p))
                 if not handle:
                     raise InvalidModelError(
                         f"llama.cpp could not load adapter {name!r} on this model", path=p,
@@ -131,21 +127,15 @@ class AdapterSet:
         return True
 
     def _set(self, spec: AdapterSpec) -> None:
-        lib = self._lib
-        n = len(spec)
-        handles = (lib.llama_adapter_lora_p_ctypes * n)(*[self._handles[name] for name, _ in spec]) if n else None
-        scales = (ctypes.c_float * n)(*[s for _, s in spec]) if n else None
-        if lib.llama_set_adapters_lora(self.llm._ctx.ctx, handles, n, scales):
+        if not llama_compat.set_loras(self.llm, [self._handles[name] for name, _ in spec], [s for _, s in spec]):
             raise InvalidModelError("llama.cpp refused to set the adapters " + ", ".join(n for n, _ in spec))
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}
         if not handles:
             return
-        ctx = getattr(getattr(self.llm, "_ctx", None), "ctx", None)
-        if ctx is not None:
-            self._lib.llama_set_adapters_lora(ctx, None, 0, None)
+        llama_compat.set_loras(self.llm, [], [])  # nothing when the context is gone
         for handle in handles.values():
-            self._lib.llama_adapter_lora_free(handle)
+            llama_compat.lora_free(handle)
         self.active = ()
 

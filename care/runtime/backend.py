@@ -35,6 +35,13 @@ class SamplingConfig:
     # engine's default. Only engines loaded with EngineConfig.adapters accept names.
     adapters: tuple[tuple[str, float], ...] | None = None
 
+    @classmethod
+    def greedy(cls, max_tokens: int, **overrides: Any) -> SamplingConfig:
+        """Deterministic decoding for measurements and checks (bench, eval, export verification): the most
+        likely token each step, no repetition penalty, seed 0."""
+        return cls(**{"temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0, "seed": 0, "max_tokens": max_tokens,
+                      **overrides})
+
 
 @dataclass
 class EngineConfig:

@@ -1,17 +1,14 @@
 """Device benchmarks of a GGUF or an ONNX folder: load time, TTFT, prefill and decode tok/s, peak RSS, file size.
 
-Each configuration runs in a fresh child process (`python -m care.runtime.bench '<json>'`), so peak RSS is
+Each configuration runs in a fresh child process (care.proc.run_worker: `python -m care.runtime.bench job.json`), so peak RSS is
 that configuration's own high-water mark (ru_maxrss), not the largest of everything measured before it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError
-from care.runtime.threads import physical_cores  # noqa: F401 - re-exported for care bench and bench/ scripts
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +52,9 @@ def _peak_rss_bytes() -> int:
 
 def measure(cfg: BenchConfig) -> dict[str, Any]:
     """Load the model and time one prefill + decode in this process (see run_isolated for clean RSS)."""
-    from care.runtime.engine import EngineConfig, SamplingConfig, default_threads
+    from care.runtime.backend import EngineConfig, SamplingConfig
     from care.runtime.loader import load_engine
+    from care.system import default_threads
 
     rss_before = _peak_rss_bytes()
     threads = cfg.threads or default_threads()
@@ -66,7 +63,7 @@ def measure(cfg: BenchConfig) -> dict[str, Any]:
         n_ctx=cfg.n_ctx, n_threads=threads, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
         repack=cfg.repack, use_mmap=cfg.use_mmap, prompt_cache=cfg.chat_ttft, prompt_cache_dir=cache_dir,
         chat_template=cfg.chat_template,
-        sampling=SamplingConfig(temperature=0.0, seed=0, max_tokens=cfg.gen_tokens, repeat_penalty=1.0)))
+        sampling=SamplingConfig.greedy(cfg.gen_tokens)))
     prompt_cache = getattr(engine, "prompt_cache", None)
     if prompt_cache is not None:
         engine.prompt_cache = None  # the prefill/decode figures are the raw ones
@@ -119,7 +116,7 @@ def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
     """A new chat's first token without the prompt cache, with it cold (evaluated and saved) and cached (loaded
     from the file), then a follow-up turn, which llama-cpp-python's prefix reuse serves. Short replies."""
     from care.domains import system_prompt
-    from care.runtime.engine import SamplingConfig
+    from care.runtime.backend import SamplingConfig
     from care.runtime.prompt_cache import model_sha256
 
     t0 = time.perf_counter()
@@ -127,7 +124,7 @@ def _chat_ttft(engine, prompt_cache, domain: str) -> dict[str, Any]:
     hash_s = time.perf_counter() - t0
     # One token: the reply ends when the first token is sampled, so elapsed_s is the time to the first token
     # even when llama-cpp-python holds a chunk back (an incomplete UTF-8 byte token of a random-weight model).
-    sampling = SamplingConfig(temperature=0.0, seed=0, max_tokens=1, repeat_penalty=1.0)
+    sampling = SamplingConfig.greedy(1)
     system = {"role": "system", "content": system_prompt(domain)}
 
     def new_chat(question: str, cached: bool):
@@ -183,67 +180,57 @@ def _teacher_forced_argmax(engine, text: str, n: int) -> list[int]:
     """The model's top-1 next token at each of n positions of a fixed text (for KV-quantization effects)."""
     import numpy as np
 
+    from care.runtime import llama_compat
+
     llm = engine.llm
     ids = engine.tokenize(text)[: min(n, engine.n_ctx - 1)]
     llm.reset()
     out = []
     for tok in ids:  # one token at a time: every prediction reads the (quantized) KV cache of the rest
         llm.eval([tok])
-        out.append(int(np.argmax(llm._ctx.get_logits_ith(-1)[: llm.n_vocab()])))
+        out.append(int(np.argmax(llama_compat.logits_ith(llm, -1))))
     llm.reset()
     return out
 
 
 def run_isolated(cfg: BenchConfig, timeout: float = 1800, ceiling_gb: float | None = None,
                  poll_s: float = 0.02) -> dict[str, Any]:
-    """measure() in a fresh child process; returns its JSON result (or an `error` entry).
+    """measure() in a fresh child process (care.proc.run_worker); returns its result (or an `error` entry).
 
     With `ceiling_gb` the child is held to it as a phone's low-memory killer would: its RSS is sampled every
     `poll_s` and the run is stopped the moment it passes the ceiling (`over_ceiling: True`, with the RSS
     seen). RLIMIT_AS is no substitute: it counts the whole mapped GGUF and the allocator's reservations, not
     the memory in use, so it refuses models that fit."""
-    import tempfile
-
     import psutil
 
-    payload = json.dumps(asdict(cfg))
+    from care.errors import WorkerError
+    from care.proc import run_worker
+
     limit = None if ceiling_gb is None else ceiling_gb * 1e9
-    # Output to files, not pipes: the parent only polls, so a chatty child can never block on a full pipe.
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "care.runtime.bench", payload], stdout=out, stderr=err,
-                                text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        seen = 0
-        t0 = time.monotonic()
+    seen = [0]
+
+    class OverCeiling(Exception):
+        pass
+
+    def watch(pid: int) -> None:
         try:
-            child = psutil.Process(proc.pid)
-            while proc.poll() is None:
-                try:
-                    seen = max(seen, child.memory_info().rss)
-                except psutil.Error:  # exited between poll() and the sample
-                    break
-                if limit is not None and seen > limit:
-                    proc.kill()
-                    proc.wait()
-                    return {**asdict(cfg), "over_ceiling": True, "ceiling_gb": ceiling_gb, "peak_rss_gb": seen / 1e9,
-                            "error": f"stopped: RSS {seen / 1e9:.3f} GB passed the {ceiling_gb:g} GB ceiling"}
-                if time.monotonic() - t0 > timeout:
-                    proc.kill()
-                    proc.wait()
-                    return {**asdict(cfg), "error": f"no result within {timeout:.0f} s"}
-                time.sleep(poll_s)
-        except BaseException:
-            proc.kill()  # Ctrl-C in the parent: never leave a model-sized child behind
-            proc.wait()
-            raise
-        proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (stderr or stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}, no output"]
-        return {**asdict(cfg), "error": tail[0]}
-    result = json.loads(lines[-1])
+            seen[0] = max(seen[0], psutil.Process(pid).memory_info().rss)
+        except psutil.Error:  # exited between two samples
+            return
+        if limit is not None and seen[0] > limit:
+            raise OverCeiling
+
+    with tempfile.TemporaryDirectory(prefix="care-bench-") as work:
+        try:
+            result = run_worker("care.runtime.bench", asdict(cfg), workdir=Path(work), timeout=timeout, watch=watch,
+                                poll_s=poll_s, what="the benchmark child")
+        except OverCeiling:
+            return {**asdict(cfg), "over_ceiling": True, "ceiling_gb": ceiling_gb, "peak_rss_gb": seen[0] / 1e9,
+                    "error": f"stopped: RSS {seen[0] / 1e9:.3f} GB passed the {ceiling_gb:g} GB ceiling"}
+        except WorkerError as exc:
+            if exc.timed_out:
+                return {**asdict(cfg), "error": f"no result within {timeout:.0f} s"}
+            return {**asdict(cfg), "error": exc.detail or exc.message}
     if limit is not None:
         # The child's own high-water mark also catches a spike shorter than one sampling interval.
         result["ceiling_gb"] = ceiling_gb
@@ -252,14 +239,14 @@ def run_isolated(cfg: BenchConfig, timeout: float = 1800, ceiling_gb: float | No
     return result
 
 
-def _child(payload: str) -> int:
-    cfg = BenchConfig(**json.loads(payload))
+def _child(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
-    result = measure(cfg)
+    result = measure(BenchConfig(**job))
     result["child_wall_s"] = time.perf_counter() - t0
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1]))
+    from care.proc import worker_main
+
+    sys.exit(worker_main(_child))

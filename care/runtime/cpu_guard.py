@@ -8,8 +8,8 @@ load on a machine:
 
 1. The modules are scored as ggml scores them (each one's ggml_backend_score(), from CPUID).
 2. The best one runs a short prefill and decode of a tiny model in every quant type the project ships, in a
-   child process (`cpu_probe run`, ~1 s). If the child dies (SIGILL, SIGSEGV) or computes garbage, that
-   module is refused and the next best is tried.
+   child process (care/runtime/cpu_probe.py, a care.proc worker; ~1 s). If the child dies (SIGILL, SIGSEGV)
+   or computes garbage, that module is refused and the next best is tried.
 3. A refused module is left out the way ggml allows: a folder of links to every library but the refused
    ones, handed to llama-cpp-python as $LLAMA_CPP_LIB_PATH (child processes inherit it), so ggml's own
    choice among the rest is the module the next probe proved. The choice is cached by CPU flags, kernel,
@@ -28,14 +28,15 @@ import json
 import logging
 import os
 import platform
-import signal
-import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from care.errors import CareError
+from care.errors import CareError, WorkerError
+from care.proc import run_worker
 
 log = logging.getLogger(__name__)
 
@@ -130,28 +131,24 @@ def cache_key(lib: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _child(args: list[str], env: dict[str, str], timeout: float = PROBE_TIMEOUT) -> tuple[int, dict, list[str]]:
-    """Run `python -m care.runtime.cpu_probe ARGS`: (returncode, its JSON line or {}, its stderr lines)."""
-    cmd = [sys.executable, "-m", "care.runtime.cpu_probe", *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return -1, {}, [f"timed out after {timeout:.0f} s"]
-    lines = proc.stdout.strip().splitlines()
-    try:
-        out = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        out = {}
-    return proc.returncode, out if isinstance(out, dict) else {}, proc.stderr.strip().splitlines()
-
-
-def _death(rc: int) -> str:
-    if rc < 0:
+def _child(job: dict[str, Any], env: dict[str, str], timeout: float = PROBE_TIMEOUT
+           ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Run one care.runtime.cpu_probe job in a child (care.proc.run_worker): (its result or {}, its last
+    progress {"loaded": module, "probe": type}, why it failed or None)."""
+    seen: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="care-cpu-probe-") as work:
         try:
-            return f"died with {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"died with signal {-rc}"
-    return f"exited {rc}"
+            out = run_worker("care.runtime.cpu_probe", job, workdir=Path(work), env=env, timeout=timeout,
+                             on_progress=seen.update, what="the CPU probe")
+        except WorkerError as exc:
+            if exc.signal:
+                why = f"died with {exc.signal}"
+            elif exc.timed_out:
+                why = f"timed out after {timeout:.0f} s"
+            else:
+                why = exc.detail or f"exited {exc.returncode}"
+            return {}, seen, why
+    return out, seen, None
 
 
 def _models(lib: Path, env: dict[str, str]) -> Path:
@@ -162,9 +159,9 @@ def _models(lib: Path, env: dict[str, str]) -> Path:
 
     if all((folder / f"probe-{t}.gguf").is_file() for t in TYPES):
         return folder
-    rc, out, err = _child(["models", "--out", str(folder)], env)
-    if rc != 0:
-        raise CpuUnsupportedError(f"Could not build the CPU probe models: {(err or [_death(rc)])[-1]}", path=folder,
+    _, _, why = _child({"what": "models", "out": str(folder)}, env)
+    if why is not None:
+        raise CpuUnsupportedError(f"Could not build the CPU probe models: {why}", path=folder,
                                   hint="Reinstall llama-cpp-python with `make setup`, or report this CPU")
     return folder
 
@@ -235,16 +232,15 @@ def choose(lib: Path | None = None, *, use_cache: bool = True) -> Choice:
                 left_out.append(v)
     for expected in ranked or [None]:
         folder = without(lib, [v for v in left_out if v in ranked])
-        rc, out, err = _child(["run", "--models", str(models)], {**env, LIB_ENV: str(folder)})
-        loaded = out.get("module") or next((ln[7:] for ln in err if ln.startswith("loaded ") and ln[7:] != "None"),
-                                           None) or expected
-        if rc == 0 and out.get("ok"):
+        out, seen, died = _child({"what": "run", "models": str(models)}, {**env, LIB_ENV: str(folder)})
+        loaded = out.get("module") or seen.get("loaded") or expected
+        if died is None and out.get("ok"):
             choice = Choice(loaded, str(folder), refused, scores, dict(out.get("gaps", {})),
                             round(time.monotonic() - t0, 3), False, key)
             _save(cache, choice)
             return choice
-        typ = out.get("type") or next((ln[6:] for ln in reversed(err) if ln.startswith("probe ")), "")
-        why = out.get("why") or _death(rc)
+        typ = out.get("type") or seen.get("probe") or ""
+        why = out.get("why") or died or "failed"
         refused.append({"variant": variant_name(loaded) if loaded else "built-in",
                         "why": f"{why} in the {typ} check" if typ else why})
         if loaded is None:

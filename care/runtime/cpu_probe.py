@@ -1,12 +1,15 @@
 """The child side of the CPU guard (care/runtime/cpu_guard.py): what runs in a process that may die.
 
-    python -m care.runtime.cpu_probe scores --lib DIR          # {module: ggml_backend_score()} as JSON
-    python -m care.runtime.cpu_probe models --out DIR          # the tiny probe models, one per quant type
-    python -m care.runtime.cpu_probe run --models DIR          # prefill + decode each, with the module ggml picks
+A care.proc worker (`python -m care.runtime.cpu_probe job.json`, started by care.proc.run_worker); the job:
 
-Each prints one JSON line on stdout and exits 0; a CPU module that cannot run here kills its process
-(SIGILL, SIGSEGV) or prints {"ok": false, ...}. Only numpy, gguf and llama_cpp: no care import that would
-load anything else.
+    {"what": "scores", "lib": DIR}       -> {"scores": {module: ggml_backend_score()}}
+    {"what": "models", "out": DIR}       -> {"models": {type: path}}: the tiny probe models, one per quant type
+    {"what": "run", "models": DIR}       -> {"ok": ..., "gaps": ...}: prefill + decode each, with the module ggml
+                                            picks ("types", "threads" optional)
+
+A CPU module that cannot run here kills the process (SIGILL, SIGSEGV) or returns {"ok": false, ...}; the
+progress records {"loaded": module} and {"probe": type} tell the parent where it died. Only numpy, gguf,
+llama_cpp and care.proc / care.io (standard library): no care import that would load anything else.
 
 The probe model: a Llama with 1 layer, 256 wide (the K-quant block), 512 tokens, random weights (fixed seed),
 so every matrix product has a shape ggml's repacked and AMX paths take (rows and columns multiples of 32 and
@@ -18,13 +21,12 @@ as one that crashes.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from care.io import atomic_path
+from care.proc import report_progress, worker_main
 
 # Every quant type the project ships (export profiles, the embedded model's q4_1), as llama.cpp's ftype names.
 TYPES = ("f16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q3_k_m", "iq4_xs")
@@ -117,8 +119,8 @@ def build_models(out: Path) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     base = out / "probe-f32.gguf"
     if not base.is_file():
-        _write_f32_model(base.with_suffix(".part"))
-        os.replace(base.with_suffix(".part"), base)
+        with atomic_path(base) as part:
+            _write_f32_model(part)
     made = {}
     for name in TYPES:
         target = out / f"probe-{name}.gguf"
@@ -126,11 +128,10 @@ def build_models(out: Path) -> dict[str, str]:
             params = llama_cpp.llama_model_quantize_default_params()
             params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name.upper()}")
             params.nthread = 1
-            part = target.with_suffix(".part")
-            rc = llama_cpp.llama_model_quantize(str(base).encode(), str(part).encode(), ctypes.byref(params))
-            if rc != 0:
-                raise SystemExit(f"llama_model_quantize {name} failed ({rc})")
-            os.replace(part, target)
+            with atomic_path(target) as part:
+                rc = llama_cpp.llama_model_quantize(str(base).encode(), str(part).encode(), ctypes.byref(params))
+                if rc != 0:
+                    raise RuntimeError(f"llama_model_quantize {name} failed ({rc})")
         made[name] = str(target)
     return made
 
@@ -142,11 +143,11 @@ def run(models: Path, types: tuple[str, ...] = TYPES, threads: int = 2) -> dict[
 
     prompt = [1] + [int(x) for x in np.random.default_rng(7).integers(3, N_VOCAB, PROMPT - 1)]
     loaded = loaded_module()
-    _say(f"loaded {loaded}")
+    report_progress({"loaded": loaded})
     gaps: dict[str, float] = {}
     t0 = time.perf_counter()
     for name in types:
-        _say(f"probe {name}")  # the parent names the type a crash happened in
+        report_progress({"probe": name})  # the parent names the type a crash happened in
         # logits_all: llama-cpp-python keeps the logits in `scores` only then (else the rows stay uninitialised)
         llm = llama_cpp.Llama(model_path=str(models / f"probe-{name}.gguf"), n_ctx=128, n_batch=64, n_ubatch=64,
                               n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
@@ -169,12 +170,6 @@ def run(models: Path, types: tuple[str, ...] = TYPES, threads: int = 2) -> dict[
     return {"ok": True, "gaps": gaps, "module": loaded, "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _say(line: str) -> None:
-    """A progress line on stderr, written at once (this process may die on the next instruction)."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def loaded_module() -> str | None:
     """The ggml CPU module mapped into this process (Linux), e.g. "libggml-cpu-icelake.so"."""
     import re
@@ -187,25 +182,18 @@ def loaded_module() -> str | None:
     return found[0] if len(found) == 1 else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m care.runtime.cpu_probe", description=__doc__.split("\n")[0])
-    sub = ap.add_subparsers(dest="what", required=True)
-    sub.add_parser("scores").add_argument("--lib", type=Path, required=True)
-    sub.add_parser("models").add_argument("--out", type=Path, required=True)
-    p = sub.add_parser("run")
-    p.add_argument("--models", type=Path, required=True)
-    p.add_argument("--types", default=",".join(TYPES))
-    p.add_argument("--threads", type=int, default=2)
-    opts = ap.parse_args(argv)
-    if opts.what == "scores":
-        result: object = scores(opts.lib)
-    elif opts.what == "models":
-        result = build_models(opts.out)
-    else:
-        result = run(opts.models, tuple(t for t in opts.types.split(",") if t), opts.threads)
-    sys.stdout.write(json.dumps(result) + "\n")
-    return 0 if not isinstance(result, dict) or result.get("ok", True) else 1
+def handle(job: dict[str, object]) -> dict[str, object]:
+    """One job of the guard (see the module docstring)."""
+    what = job.get("what")
+    if what == "scores":
+        return {"scores": scores(Path(str(job["lib"])))}
+    if what == "models":
+        return {"models": build_models(Path(str(job["out"])))}
+    if what == "run":
+        types = tuple(job.get("types") or TYPES)  # type: ignore[arg-type]
+        return run(Path(str(job["models"])), types, int(job.get("threads") or 2))  # type: ignore[arg-type]
+    raise ValueError(f"unknown cpu_probe job {what!r} (scores, models or run)")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(worker_main(handle))

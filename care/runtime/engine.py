@@ -7,7 +7,6 @@ is trimmed to the context budget instead of crashing at n_ctx.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import GenerationError, InvalidModelError, require
+from care.gguf_file import file_type_name
 from care.models import check_gguf
 from care.runtime import llama_compat
 from care.runtime.backend import (  # re-exported: the names front ends imported from here before
@@ -29,12 +29,12 @@ from care.runtime.backend import (  # re-exported: the names front ends imported
     SamplingConfig,
     collect,
 )
-from care.runtime.threads import default_threads  # re-exported: bench, eval and export import it from here
+from care.system import default_threads
 
 log = logging.getLogger(__name__)
 
 __all__ = ["END_OF_TURN_STRINGS", "NAMED_TEMPLATES", "ChatEngine", "EngineConfig", "GenerationResponse", "Message",
-           "SamplingConfig", "collect", "default_threads", "file_type_name"]
+           "SamplingConfig", "collect"]
 
 # Strings that end a turn in the chat formats we support. llama.cpp already stops on the vocabulary's
 # end-of-generation tokens (EOS/EOT, Phi-3.5's <|end|>); these catch models whose GGUF marks them poorly.
@@ -58,19 +58,6 @@ NAMED_TEMPLATES: dict[str, str] = {
 }
 
 
-def file_type_name(metadata: dict[str, str]) -> str:
-    """A GGUF's dominant weight type (e.g. Q4_K_M) from its general.file_type metadata."""
-    ftype = metadata.get("general.file_type")
-    if ftype is None:
-        return "unknown"
-    try:
-        import gguf
-
-        return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_")
-    except (ImportError, ValueError):
-        return f"ftype {ftype}"
-
-
 class ChatEngine(ContextBudget):
     """A GGUF model loaded with llama-cpp-python, formatted by its own chat template."""
 
@@ -88,12 +75,12 @@ class ChatEngine(ContextBudget):
         for name in ("type_k", "type_v"):
             value = getattr(self.config, name)
             if value:
-                kwargs[name] = _ggml_type(value)
+                kwargs[name] = llama_compat.ggml_type(value)
         if self.config.flash_attn is not None:
             kwargs["flash_attn"] = self.config.flash_attn
         t0 = time.perf_counter()
         try:
-            with _model_params(repack=self.config.repack):
+            with llama_compat.model_params(repack=self.config.repack):
                 self.llm = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=self.config.n_ctx,
@@ -161,7 +148,7 @@ class ChatEngine(ContextBudget):
     @property
     def quant_type(self) -> str:
         """The file's dominant weight type, e.g. Q4_K_M, from general.file_type."""
-        return file_type_name(self.metadata)
+        return file_type_name(self.metadata.get("general.file_type")) or "unknown"
 
     def token_text(self, token_id: int) -> str:
         return self.llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
@@ -169,8 +156,8 @@ class ChatEngine(ContextBudget):
     @property
     def stop_strings(self) -> list[str]:
         stops = {self.token_text(self.llm.token_eos())}
-        eot = getattr(self.llm._model, "token_eot", lambda: -1)()
-        if eot is not None and eot >= 0:
+        eot = llama_compat.token_eot(self.llm)
+        if eot >= 0:
             stops.add(self.token_text(eot))
         stops.update(s for s in END_OF_TURN_STRINGS if s in self.template)
         stops.add("<|endoftext|>")  # Phi-3.5 and GPT-style models end documents with it
@@ -182,12 +169,10 @@ class ChatEngine(ContextBudget):
 
         llama-cpp-python re-detokenizes the whole reply at every token to look for stop strings, which
         cost ~6% of decode speed here; a string that is one EOG token of the vocabulary needs no such check."""
-        llama_cpp = llama_compat.load()
-
         out = []
         for text in self.stop_strings:
             ids = self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-            if not (len(ids) == 1 and llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, ids[0])):
+            if not (len(ids) == 1 and llama_compat.is_eog(self.llm, ids[0])):
                 out.append(text)
         return out
 
@@ -218,16 +203,8 @@ class ChatEngine(ContextBudget):
     # -- prompt building ---------------------------------------------------------------------------
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt text exactly as the model's chat template renders it."""
-        if add_generation_prompt:
-            return self._formatter(messages=list(messages)).prompt
-        # Jinja2ChatFormatter always adds the generation prompt; render the rest ourselves with its env.
-        return self._formatter._environment.render(  # noqa: SLF001 - same sandboxed env, one flag different
-            messages=list(messages),
-            eos_token=self._formatter.eos_token,
-            bos_token=self._formatter.bos_token,
-            add_generation_prompt=False,
-            raise_exception=_raise,
-        )
+        return llama_compat.render_template(self._formatter, messages, add_generation_prompt=add_generation_prompt,
+                                            raise_exception=_raise)
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of a rendered prompt; BOS added only if the model wants it and the template did not."""
@@ -367,35 +344,6 @@ def _count_evals(llm: Any) -> list[int]:
     return counter
 
 
-_PARAMS_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _model_params(repack: bool | None) -> Iterator[None]:
-    """Load with llama.cpp's `use_extra_bufts` (weight repacking) switched as asked.
-
-    llama-cpp-python does not expose that model parameter, so wrap the defaults it starts from while
-    the model loads (under a lock: the wrap is process-wide)."""
-    if repack is None:
-        yield
-        return
-    lib = llama_compat.submodule("llama_cpp")
-
-    with _PARAMS_LOCK:
-        original = lib.llama_model_default_params
-
-        def patched():
-            params = original()
-            params.use_extra_bufts = bool(repack)
-            return params
-
-        lib.llama_model_default_params = patched
-        try:
-            yield
-        finally:
-            lib.llama_model_default_params = original
-
-
 @functools.lru_cache(maxsize=32)
 def _grammar_for(schema_json: str) -> Any:
     grammar = llama_compat.submodule("llama_grammar")
@@ -419,12 +367,3 @@ def _json_grammar(schema: dict[str, Any] | None) -> Any:
 
 def _raise(message: str) -> None:
     raise GenerationError(f"The chat template refused the conversation: {message}")
-
-
-def _ggml_type(name: str) -> int:
-    llama_cpp = llama_compat.load()
-
-    attr = f"GGML_TYPE_{name.upper()}"
-    if not hasattr(llama_cpp, attr):
-        raise InvalidModelError(f"Unknown KV-cache type '{name}'", hint="Use one of f16, q8_0, q4_0")
-    return int(getattr(llama_cpp, attr))

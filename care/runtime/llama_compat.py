@@ -7,7 +7,7 @@ not proven to run on this machine (care/runtime/cpu_guard.py). The children of t
 (care/runtime/cpu_probe.py) are the one exception: they are the proof.
 
 The binding's private attributes CARE relies on (`Llama._model`, `Llama._ctx`, `Llama._requires_eval`,
-`Jinja2ChatFormatter._environment`) and the raw `llama_cpp.llama_*` calls on their handles are read only here,
+`Jinja2ChatFormatter._environment`, the module `llama_cpp._logger`) and the raw `llama_cpp.llama_*` calls on their handles are read only here,
 so a llama-cpp-python update is checked (and fixed) in this one file. They are those of llama-cpp-python 0.3.x
 as pinned in pyproject.toml (">=0.3.36,<0.4": 0.3.36 is the version constraints.txt installs and the
 portable wheel is built from; 0.3.36 renamed the adapter calls to llama_set_adapters_lora, and 0.4 may move
@@ -27,6 +27,8 @@ any of these):
     render_template(formatter, messages, ...)  a chat template without the generation prompt
     model_params(repack=...)     load with llama.cpp's use_extra_bufts (weight repacking) switched
     ggml_type(name)              "q8_0" -> GGML_TYPE_Q8_0 (KV-cache types)
+    log_callback(on_text)        llama.cpp's log text to `on_text` while a block runs, then the binding's own
+                                 callback (llama_cpp._logger) back
     version()                    llama_cpp.__version__
 """
 
@@ -205,3 +207,22 @@ def ggml_type(name: str) -> int:
     if not hasattr(lib, attr):
         raise InvalidModelError(f"Unknown KV-cache type '{name}'", hint="Use one of f16, q8_0, q4_0")
     return int(getattr(lib, attr))
+
+
+@contextlib.contextmanager
+def log_callback(on_text: Callable[[str], None]) -> Iterator[None]:
+    """Hand llama.cpp's log text (each call's text, usually one line with its newline) to `on_text` while the
+    block runs; the binding's own callback (llama_cpp._logger, which honours verbose=) is set back after it.
+    The callback is process-wide: one block at a time."""
+    lib = load()
+    restore = importlib.import_module("llama_cpp._logger").llama_log_callback
+
+    @lib.llama_log_callback
+    def callback(level: int, text: bytes, user_data: Any) -> None:  # noqa: ARG001 - the C signature
+        on_text(text.decode("utf-8", "replace"))
+
+    lib.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        lib.llama_log_set(restore, ctypes.c_void_p(0))

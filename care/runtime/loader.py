@@ -6,9 +6,10 @@ onnxruntime-genai folder from `care export onnx`. The llama.cpp engine serves GG
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from care.artifacts import is_onnx_folder
 from care.runtime.backend import ChatBackend, EngineConfig, SamplingConfig
@@ -26,35 +27,59 @@ def load_engine(spec: str | os.PathLike[str] | None = None, config: EngineConfig
     return ChatEngine(resolve_gguf(spec), config)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """EngineConfig from the command line's engine and sampling options (care chat / serve / the TUI)."""
+@dataclass
+class EngineOptions:
+    """What a front end asks of the engine, as typed values (care.commands builds it from the command line):
+    the model, the device profile and its overrides, the context policy, the template, LoRA adapters and the
+    sampling. `engine_config` turns it into the EngineConfig an engine loads with."""
+
+    model: str | None = None  # see load_engine's spec
+    profile: str = "laptop"  # care.runtime.profiles
+    kv_type: str | None = None  # "q8_0" or "q8_0/q4_0" (K/V); None: the profile's
+    n_ctx: int | None = None  # None: the profile's
+    threads: int | None = None  # None: the profile's (None there: the idle physical cores)
+    context: str = "drop"  # "drop" or "summarize" the turns that no longer fit
+    chat_template: str | None = None  # a NAMED_TEMPLATES name, Jinja text or a Jinja file
+    lora: str | None = None  # a GGUF LoRA applied at load time
+    adapters: str | None = None  # "NAME=FILE,..." or a folder (care.runtime.adapters.parse_adapters)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def engine_config(options: EngineOptions) -> EngineConfig:
+    """The EngineConfig for `options`: the profile's device settings, the options' overrides on top."""
     from care.runtime.profiles import resolve
 
-    template = getattr(args, "chat_template", None)
+    template = options.chat_template
     if template and Path(template).is_file():
         template = Path(template).read_text(encoding="utf-8")
-    prof = resolve(getattr(args, "profile", None) or "laptop", kv_type=getattr(args, "kv_type", None))
+    prof = resolve(options.profile or "laptop", kv_type=options.kv_type)
     return EngineConfig(
-        n_ctx=getattr(args, "n_ctx", None) or prof["n_ctx"],
-        n_threads=getattr(args, "threads", None) or prof["threads"],
+        n_ctx=options.n_ctx or prof["n_ctx"],
+        n_threads=options.threads or prof["threads"],
         type_k=prof["type_k"],
         type_v=prof["type_v"],
         flash_attn=prof["flash_attn"],
         repack=prof["repack"],
         use_mmap=prof["use_mmap"],
-        context_policy=getattr(args, "context", None) or "drop",
+        context_policy=options.context or "drop",
         chat_template=template,
-        lora_path=getattr(args, "lora", None),
-        adapters=_adapters(getattr(args, "adapters", None)),
-        sampling=SamplingConfig(
-            temperature=getattr(args, "temperature", 0.7),
-            top_p=getattr(args, "top_p", 0.9),
-            top_k=getattr(args, "top_k", 40),
-            repeat_penalty=getattr(args, "repeat_penalty", 1.1),
-            seed=getattr(args, "seed", None),
-            max_tokens=getattr(args, "max_tokens", 512),
-        ),
+        lora_path=options.lora,
+        adapters=_adapters(options.adapters),
+        sampling=options.sampling,
     )
+
+
+def load_with_options(options: EngineOptions, spec: str | None = None) -> ChatBackend:
+    """load_engine for `options.model` (or `spec`, e.g. a model picked in the TUI) with the options' settings."""
+    return load_engine(spec if spec is not None else options.model, engine_config(options))
+
+
+def engine_config_from_args(args: Any) -> EngineConfig:
+    """Kept for care/tui/app.py until it uses care.commands.chat.engine_options: the argparse glue lives in
+    care.commands.chat."""
+    from care.commands.chat import engine_config_from_args as from_args
+
+    return from_args(args)
 
 
 def _adapters(value: str | None) -> dict[str, str] | None:
@@ -63,11 +88,6 @@ def _adapters(value: str | None) -> dict[str, str] | None:
     from care.runtime.adapters import parse_adapters
 
     return parse_adapters(value) or None
-
-
-def load_from_args(args: argparse.Namespace, spec: str | None = None) -> ChatBackend:
-    """load_engine for `--model` (or `spec`, e.g. a model picked in the TUI) with the command line's options."""
-    return load_engine(spec if spec is not None else getattr(args, "model", None), engine_config_from_args(args))
 
 
 def parse_languages(value: str | None) -> tuple[str, ...] | None:

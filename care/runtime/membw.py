@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from care.gguf_file import read_header
+
 BUFFER_BYTES = 256 * 2**20
 _ONE_THREAD = {k: "1" for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
 
@@ -97,59 +99,8 @@ def bytes_per_token(model: Path, n_past: int, type_k: str | None = None, type_v:
     return {"weights": weights, "kv": kv, "total": weights + kv, "kv_per_token": kv_per_token}
 
 
-# GGUF value types: fixed sizes by type id (8 string, 9 array).
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                 12: "<d"}
-
-
 def gguf_layout(path: Path) -> tuple[dict[str, Any], dict[str, tuple[int, tuple[int, ...]]]]:
-    """Scalar metadata and {tensor: (bytes, shape)} from a GGUF header.
-
-    Written here because gguf-py's GGUFReader turns every vocabulary string into numpy views: 6-60 s for a
-    49k-token vocabulary on this machine, for a table this walk reads in well under a second."""
-    import struct
-
-    with open(path, "rb") as f:
-        data_end = os.fstat(f.fileno()).st_size
-
-        def read(fmt: str) -> Any:
-            n = struct.calcsize(fmt)
-            return struct.unpack(fmt, f.read(n))[0]
-
-        def string() -> str:
-            return f.read(read("<Q")).decode("utf-8", errors="replace")
-
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version = read("<I")
-        n_tensors, n_kv = read("<Q"), read("<Q")
-        meta: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            vtype = read("<I")
-            if vtype == 8:
-                meta[key] = string()
-            elif vtype == 9:
-                etype, count = read("<I"), read("<Q")
-                if etype == 8:
-                    for _ in range(count):
-                        f.seek(read("<Q"), 1)
-                else:
-                    f.seek(_GGUF_SIZES[etype] * count, 1)
-            else:
-                meta[key] = read(_GGUF_SCALARS[vtype])
-        infos = []
-        for _ in range(n_tensors):
-            name = string()
-            shape = tuple(read("<Q") for _ in range(read("<I")))
-            read("<I")  # ggml type
-            infos.append((name, shape, read("<Q")))
-        alignment = int(meta.get("general.alignment", 32))
-        start = f.tell()
-        start += (-start) % alignment
-        del version
-    # A tensor's bytes: up to the next tensor's offset (padding to the alignment included, < 32 bytes).
-    offsets = sorted({off for _, _, off in infos} | {data_end - start})
-    nxt = {off: offsets[i + 1] for i, off in enumerate(offsets[:-1])}
-    return meta, {name: (nxt[off] - off, shape) for name, shape, off in infos}
+    """Metadata and {tensor: (bytes it spans in the file, shape)} from a GGUF header (care.gguf_file)."""
+    header = read_header(path)
+    spans = header.tensor_bytes()
+    return header.metadata, {t.name: (spans[t.name], t.shape) for t in header.tensors}

@@ -17,7 +17,6 @@ past the longest common prefix of its previous input and the new prompt.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import logging
@@ -28,7 +27,9 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from care.io import atomic_path, write_text
 from care.runtime import llama_compat
+from care.system import sha256_file
 
 if TYPE_CHECKING:
     from care.runtime.backend import Message
@@ -61,14 +62,10 @@ def model_sha256(path: Path) -> str:
             known = {}
         if isinstance(known.get(ident), str):
             return known[ident]
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = sha256_file(path)
         known[ident] = digest
         try:
-            _atomic_write(index, json.dumps(known, indent=1).encode("utf-8"))
+            write_text(index, json.dumps(known, indent=1))
         except OSError as exc:  # a read-only cache only costs the next start another hash
             log.warning("could not remember the model hash in %s: %s", index, exc)
         return digest
@@ -86,18 +83,12 @@ def cache_folder(model: Path) -> Path:
     return cache_dir() / "prompt-cache"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from care.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 # -- the file ---------------------------------------------------------------------------------------
 def write_state(path: Path, key: dict[str, Any], tokens: list[int], payload: bytes) -> None:
     header = json.dumps({"format": FORMAT, "key": key, "tokens": tokens, "payload_len": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode("utf-8")
-    _atomic_write(path, MAGIC + struct.pack("<I", len(header)) + header + payload)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(MAGIC + struct.pack("<I", len(header)) + header + payload)
 
 
 def read_state(path: Path, key: dict[str, Any], tokens: list[int]) -> bytes | None:
@@ -142,8 +133,6 @@ class PromptCache:
 
     def key_base(self) -> dict[str, Any]:
         if self._key_base is None:
-            llama_cpp = llama_compat.load()
-
             cfg = self.engine.config
             lora = None
             if cfg.lora_path:
@@ -152,7 +141,7 @@ class PromptCache:
             self._key_base = {
                 "model_sha256": model_sha256(self.engine.path), "n_ctx": self.engine.n_ctx,
                 "type_k": cfg.type_k or "f16", "type_v": cfg.type_v or "f16",
-                "flash_attn": cfg.flash_attn, "lora": lora, "llama_cpp": llama_cpp.__version__,
+                "flash_attn": cfg.flash_attn, "lora": lora, "llama_cpp": llama_compat.version(),
             }
         return self._key_base
 
@@ -205,30 +194,19 @@ class PromptCache:
         return len(prefix)
 
     def _load(self, payload: bytes, tokens: list[int]) -> bool:
-        llama_cpp = llama_compat.load()
-
         llm = self.engine.llm
         llm.reset()
-        llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # noqa: SLF001 - the binding's own context wrapper
-        buf = (ctypes.c_uint8 * len(payload)).from_buffer_copy(payload)
-        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(payload), 0) == 0:
+        llama_compat.clear_kv(llm)
+        if not llama_compat.state_set(llm, payload):
             log.warning("llama.cpp refused the saved prompt state; rebuilding it")
-            llm._ctx.kv_cache_seq_rm(-1, 0, -1)  # noqa: SLF001
             return False
-        llm.input_ids[:len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
-        llm._requires_eval = True  # noqa: SLF001 - no live logits: the next prompt token must be decoded
+        llama_compat.mark_evaluated(llm, tokens)  # no live logits: the next prompt token is decoded
         return True
 
     def _save(self, path: Path, key: dict[str, Any], tokens: list[int]) -> None:
-        llama_cpp = llama_compat.load()
-
-        ctx = self.engine.llm._ctx.ctx  # noqa: SLF001
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        payload = llama_compat.state_get(self.engine.llm)
         try:
-            write_state(path, key, tokens, bytes(buf)[:n])
+            write_state(path, key, tokens, payload)
             self._evict()
         except OSError as exc:  # a full or read-only disk costs the next chat a prefill, nothing more
             log.warning("could not save the prompt cache %s: %s", path, exc)

@@ -21,7 +21,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -30,8 +29,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from care.errors import DiskFullError, ExportError, ModelNotFoundError, UsageError
-from care.io import check_free_space
+from care.errors import DiskFullError, ExportError, ModelNotFoundError, ToolError, UsageError
+from care.io import atomic_path, check_free_space
+from care.proc import run_tool
+from care.system import sha256_file
 from care.toolchain import llamacpp
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,11 @@ def runtime_requirements(root: Path) -> list[str]:
 
 
 def _pip(args: list[str], what: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args]
-    log.info("$ %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
-        err = next((ln for ln in reversed(lines) if "error" in ln.lower()), lines[-1])
-        raise BundleError(f"Could not collect {what}: {err.strip()[:200]}",
-                          hint="Building a bundle needs PyPI once (or a pip cache holding those wheels)")
+    try:
+        run_tool([sys.executable, "-m", "pip", *args], what="pip")
+    except ToolError as exc:
+        raise BundleError(f"Could not collect {what}: {(exc.detail or 'no output')[:200]}",
+                          hint="Building a bundle needs PyPI once (or a pip cache holding those wheels)") from exc
 
 
 def _check_inputs(model: Path, adapters: list[Path], safety: Path | None, out: Path, target: str) -> None:
@@ -159,7 +157,7 @@ def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None,
               "-d", str(wheels), *pins, str(llama), *runtime_requirements(root), "pip"],
              f"the runtime's aarch64 wheels for Python {python}")
     got = sorted(wheels.glob("llama_cpp_python-*.whl"))
-    if [p.name for p in got] != [llama.name] or llamacpp.sha256_file(got[0]) != llamacpp.sha256_file(llama):
+    if [p.name for p in got] != [llama.name] or sha256_file(got[0]) != sha256_file(llama):
         raise BundleError("pip put a different llama-cpp-python wheel than the one built for the bundle in it",
                           path=wheels, hint="Report this; the bundle would not run on its CPUs")
     if any(p.name.startswith(("torch-", "nvidia_")) for p in wheels.iterdir()):
@@ -201,7 +199,7 @@ def _collect(work: Path, model: Path, adapters: list[Path], safety: Path | None,
 
 def _manifest(work: Path) -> dict[str, int]:
     files = {p.relative_to(work).as_posix(): p for p in sorted(work.rglob("*")) if p.is_file()}
-    lines = [f"{llamacpp.sha256_file(p)}  {rel}\n" for rel, p in files.items()]
+    lines = [f"{sha256_file(p)}  {rel}\n" for rel, p in files.items()]
     (work / MANIFEST).write_text("".join(lines), encoding="utf-8")
     sizes = {rel: p.stat().st_size for rel, p in files.items()}
     sizes[MANIFEST] = (work / MANIFEST).stat().st_size
@@ -233,7 +231,6 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
     work = Path(tempfile.mkdtemp(prefix=f".{out_p.name}.", dir=out_p.parent))
     os.chmod(work, 0o755)  # mkdtemp's 0700 would travel in the archive to the clinic machine
     archive = out_p.with_name(out_p.name + ".tar.gz")
-    tmp_archive = archive.with_name(f".{archive.name}.part")
     try:
         extra = _collect(work, model_p, adapter_ps, safety_p, target, python)
         py = python
@@ -252,10 +249,10 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
             f"BUNDLE_PLATFORM={target}\nBUNDLE_PYTHON={py or ''}\nBUNDLE_INSTALL_KB={3 * payload // 1024}\n",
             encoding="utf-8")
         files = _manifest(work)
-        with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
-            tar.add(work, arcname=out_p.name)
-        os.replace(work, out_p)
-        os.replace(tmp_archive, archive)
+        with atomic_path(archive) as tmp_archive:  # renamed into place after the folder
+            with tarfile.open(tmp_archive, "w:gz", compresslevel=6) as tar:
+                tar.add(work, arcname=out_p.name)
+            os.replace(work, out_p)
     except OSError as exc:
         import errno
 
@@ -265,7 +262,6 @@ def build_bundle(model: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        tmp_archive.unlink(missing_ok=True)
     log.info("Bundle written in %.0f s", time.monotonic() - started)
     return Bundle(folder=out_p, archive=archive, platform=target, files=files)
 

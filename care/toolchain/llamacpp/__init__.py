@@ -34,7 +34,6 @@ from care.toolchain.llamacpp.source import (
     jobs,
     resolve_version,
     run_step,
-    sha256_file,
 )
 from care.toolchain.llamacpp.tools import (
     ARM_ARCH,
@@ -60,5 +59,5 @@ from care.toolchain.llamacpp.wheel import (
 __all__ = ["ARM_ARCH", "BUILD_SPACE", "CACHE_ENV", "JOBS_ENV", "PORTABLE_WHEEL_ARGS", "SDIST_ENV", "TARGETS", "TOOLS",
            "BuildError", "build_key", "build_tools", "build_wheel", "cache_root", "check_tools", "cpu_variants",
            "download_sdist", "extract_source", "fetch_sdist", "find_cached_sdist", "find_tools", "find_wheel", "is_x86",
-           "jobs", "moved_tree", "resolve_version", "run_step", "sha256_file", "tools_dir", "tools_rev", "wheel_rev",
+           "jobs", "moved_tree", "resolve_version", "run_step", "tools_dir", "tools_rev", "wheel_rev",
            "wheel_target"]

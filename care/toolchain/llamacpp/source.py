@@ -10,15 +10,15 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from care.errors import DependencyMissingError, ExportError, ModelNotFoundError
+from care.errors import DependencyMissingError, ExportError, ModelNotFoundError, ToolError
 from care.io import check_free_space
+from care.proc import error_line, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,15 @@ def download_sdist(version: str, dest: Path, *, hint: str) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
            f"llama-cpp-python=={version}", "-d", str(dest), "-q"]
     log.info("Fetching the llama-cpp-python %s source: %s", version, " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        run = run_tool(cmd, what="pip download")
+    except ToolError as exc:
+        raise BuildError(f"Could not download the llama-cpp-python {version} sdist ({exc.detail or 'no output'})",
+                         hint=hint) from exc
     files = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
-    if proc.returncode != 0 or not files:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BuildError(f"Could not download the llama-cpp-python {version} sdist ({last})", hint=hint)
+    if not files:
+        raise BuildError(f"Could not download the llama-cpp-python {version} sdist "
+                         f"({error_line(run.lines) or 'pip wrote no sdist'})", hint=hint)
     return files[0]
 
 
@@ -161,31 +165,23 @@ def extract_source(sdist: Path, dest: Path) -> Path:
 
 
 def run_step(cmd: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
-    """Run a build step with its output in `log_path`; a failure is one line naming the log."""
-    log.info("$ %s", " ".join(map(str, cmd)))
+    """Run a build step (care.proc.run_tool) with its output in `log_path`; a failure is one line naming the
+    log and the step's error line."""
     with open(log_path, "a", encoding="utf-8") as fh:
         fh.write(f"\n$ {' '.join(map(str, cmd))}\n")
         fh.flush()
-        proc = subprocess.run(list(map(str, cmd)), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-    if proc.returncode != 0:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        if any("No space left on device" in line for line in lines[-200:]):
-            raise BuildError("Disk full while building llama.cpp", path=log_path,
-                             hint=f"Free some space or point {CACHE_ENV} at a bigger disk")
-        err = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower()), lines[-1] if lines else "")
-        raise BuildError(f"llama.cpp build step failed: {err[:200]}", path=log_path,
-                         hint="See the full log for the first error")
+        try:
+            run_tool(cmd, what="llama.cpp build step", on_line=lambda line: fh.write(line + "\n"), env=env, cwd=cwd,
+                     path=log_path)
+        except ToolError as exc:
+            if any("No space left on device" in line for line in exc.lines):
+                raise BuildError("Disk full while building llama.cpp", path=log_path,
+                                 hint=f"Free some space or point {CACHE_ENV} at a bigger disk") from exc
+            raise BuildError(f"llama.cpp build step failed: {(exc.detail or exc.message)[:200]}", path=log_path,
+                             hint="See the full log for the first error") from exc
 
 
 def preflight(where: Path, programs: Sequence[str], apt: str) -> None:
     require_programs(["cmake", *programs], apt)
     where.mkdir(parents=True, exist_ok=True)
     check_free_space(where, BUILD_SPACE, "llama.cpp build")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -8,13 +8,13 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from care.errors import ToolError, WorkerError
+from care.io import atomic_path, write_json
+from care.proc import run_tool, run_worker
 from care.toolchain.llamacpp import patches
 from care.toolchain.llamacpp.source import (
     BuildError,
@@ -172,18 +172,15 @@ def build_tools(names: Sequence[str], target: str = "native", version: str | Non
             built = next((p for p in (tree / "bin" / name, tree / name) if p.is_file()), None)
             if built is None:
                 raise BuildError(f"{name} was not produced by the build", path=tree, hint="See build.log")
-            with tempfile.NamedTemporaryFile(dir=out, prefix=f".{name}.", delete=False) as tmpf, \
-                    open(built, "rb") as src_fh:
-                shutil.copyfileobj(src_fh, tmpf)
-            os.chmod(tmpf.name, 0o755)
-            os.replace(tmpf.name, out / name)
+            with atomic_path(out / name, mode=0o777) as tmp_bin:
+                shutil.copyfile(built, tmp_bin)
             paths[name] = out / name
         if target == "native":
             check_tools(folder, paths)
         times = folder / "build-times.json"
         record = json.loads(times.read_text()) if times.is_file() else {}
         record[",".join(names)] = round(time.monotonic() - started, 1)
-        times.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_json(times, record)
         return paths
 
 
@@ -193,18 +190,20 @@ def check_tools(folder: Path, paths: dict[str, Path]) -> None:
     dies on this CPU (issue 22: SIGILL in the AMX tiles) fails the build here, not in a clinic."""
     simple = paths.get("llama-simple") or folder / "bin" / "llama-simple"
     probe = folder / "probe"
-    made = subprocess.run([sys.executable, "-m", "care.runtime.cpu_probe", "models", "--out", str(probe)],
-                          capture_output=True, text=True)
-    if made.returncode != 0:  # llama-cpp-python (which quantises the probe models) is not installed yet
-        log.info("tools check skipped: no probe models (%s)", (made.stderr.strip().splitlines() or ["?"])[-1])
+    try:
+        made = run_worker("care.runtime.cpu_probe", {"what": "models", "out": str(probe)}, workdir=probe / "job",
+                          what="the CPU probe")
+    except WorkerError as exc:  # llama-cpp-python (which quantises the probe models) is not installed yet
+        log.info("tools check skipped: no probe models (%s)", exc.detail or exc.message)
         return
-    models = json.loads(made.stdout.strip().splitlines()[-1])
+    models = made["models"]
     for qtype, model in models.items():
-        proc = subprocess.run([str(simple), "-m", model, "-n", "4", "The clinic opens at eight; bring the card."],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            died = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+        try:
+            run_tool([simple, "-m", model, "-n", "4", "The clinic opens at eight; bring the card."],
+                     what="llama-simple", timeout=120)
+        except ToolError as exc:
+            died = exc.signal or ("timed out" if exc.timed_out else f"exit {exc.returncode}")
             raise BuildError(f"The llama.cpp tools built here die on this CPU ({died} running a {qtype} model)",
                              path=folder, hint="Report it with `care doctor`; CARE_NATIVE_NO_AMX=1 make tools builds "
-                             "them without the AMX kernels")
+                             "them without the AMX kernels") from exc
     log.info("tools checked on this CPU: %s", ", ".join(models))

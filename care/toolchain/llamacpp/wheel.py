@@ -22,6 +22,9 @@ import time
 import zipfile
 from pathlib import Path
 
+from care.errors import ToolError
+from care.proc import run_tool
+from care.system import sha256_file
 from care.toolchain.llamacpp import patches
 from care.toolchain.llamacpp.source import (
     BuildError,
@@ -34,7 +37,6 @@ from care.toolchain.llamacpp.source import (
     preflight,
     resolve_version,
     run_step,
-    sha256_file,
     staging,
 )
 from care.toolchain.llamacpp.tools import ARM_ARCH, TARGETS, is_x86
@@ -169,7 +171,6 @@ def retag_aarch64(built: Path, out_dir: Path) -> Path:
     Refuses a wheel whose libllama is not an aarch64 ELF file."""
     import base64
     import hashlib
-    import subprocess
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp_s, zipfile.ZipFile(built) as zf:
@@ -190,7 +191,10 @@ def retag_aarch64(built: Path, out_dir: Path) -> Path:
                              hint="Check the aarch64 compilers (apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
         for lib in libs:
             if not lib.is_symlink():
-                subprocess.run(["aarch64-linux-gnu-strip", "--strip-unneeded", str(lib)], check=False)
+                try:
+                    run_tool(["aarch64-linux-gnu-strip", "--strip-unneeded", lib], what="aarch64-linux-gnu-strip")
+                except ToolError as exc:  # a larger wheel, not a broken one
+                    log.info("%s left unstripped: %s", lib.name, exc.message)
         dist = next(tmp.glob("*.dist-info"))
         wheel_file = dist / "WHEEL"
         text = wheel_file.read_text(encoding="utf-8")
