@@ -210,50 +210,22 @@ def quantize_jobs(job: dict) -> dict:
         params.ftype = getattr(llama_cpp, item["ftype"])
         params.nthread = int(job["n_threads"])
         t0 = time.perf_counter()
-        buf = CaptureFallback()
-        with buf:
+        qlog = QuantLog("")  # llama.cpp's per-tensor log: the fallback count here, the progress in the parent
+
+        def on_text(text: str, qlog: QuantLog = qlog) -> None:
+            qlog.feed(text)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+        with llama_compat.log_callback(on_text):
             rc = llama_cpp.llama_model_quantize(job["f16"].encode(), item["out"].encode(), params)
         if rc != 0:
             raise ExportError(f"llama_model_quantize returned {rc} for {item['quant']}")
-        info = {"quant": item["quant"], "fallback": buf.qlog.fallback, "total": buf.qlog.total,
+        info = {"quant": item["quant"], "fallback": qlog.fallback, "total": qlog.total,
                 "seconds": round(time.perf_counter() - t0, 3)}
         report_progress({"event": "done", **info})
         done.append(info)
     return {"done": done}
-
-
-class CaptureFallback:
-    # llama.cpp's per-tensor log is both our progress source and the fallback count.
-    """Reads llama.cpp's 'N of M tensor(s) required fallback quantization' line from the log callback."""
-
-    def __enter__(self):
-        llama_cpp = llama_compat.load()
-        _logger = llama_cpp._logger
-
-        self.qlog = QuantLog("")
-        outer = self
-
-        @llama_cpp.llama_log_callback
-        def callback(level, text, user_data):  # noqa: ARG001 - ctypes signature
-            line = text.decode("utf-8", "replace")
-            outer.qlog.feed(line)
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-        import ctypes
-
-        self._cb = callback
-        self._restore = _logger.llama_log_callback
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc):
-        import ctypes
-
-        llama_cpp = llama_compat.load()
-
-        llama_cpp.llama_log_set(self._restore, ctypes.c_void_p(0))
-        return False
 
 
 if __name__ == "__main__":
