@@ -88,7 +88,7 @@ def _fake_sdist(path: Path, version: str) -> Path:
 
 
 def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
-    from care.export import converter
+    from care.toolchain.llamacpp import converter_setup as converter
 
     version = converter.llama_cpp_version()
     target = tmp_path / "conv"
@@ -110,11 +110,58 @@ def test_setup_extracts_only_the_converter(tmp_path, monkeypatch):
 
 def test_setup_offline_is_one_clear_line(tmp_path):
     """No PyPI: `care export setup` fails in one line that says how to fix it."""
+    # An empty build cache too: the converter now takes the sdist the llama.cpp builds cached, when there is one.
     env = dict(os.environ, CARE_CONVERTER_DIR=str(tmp_path / "conv"), PIP_INDEX_URL="http://127.0.0.1:9/simple",
-               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="")
+               PIP_NO_CACHE_DIR="1", PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="",
+               CARE_LLAMA_CPP_CACHE=str(tmp_path / "cache"))
+    env.pop("CARE_LLAMA_CPP_SDIST", None)
     proc = subprocess.run([sys.executable, "-m", "care.cli", "export", "setup"], capture_output=True, text=True,
                           env=env, timeout=240)
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert len(err) == 1 and "care export setup" in err[0] and "CARE_LLAMA_CPP_SDIST" in err[0]
     assert not (tmp_path / "conv").exists()
+
+
+def _fake_export_with_notes(tmp_path: Path, notes: list[str]):
+    """A finished `care export gguf` folder whose manifest carries `notes`, and the ExportResult that names it
+    (its own notes left empty: the CLI must print what the manifest says)."""
+    from care.artifacts import file_records, gguf_manifest
+    from care.export.gguf import ExportResult
+    from care.io import write_json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    gguf = out / "m-q4_k_m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    (out / "Modelfile").write_text("FROM ./m-q4_k_m.gguf\n")
+    manifest = gguf_manifest(source={"name": "m", "architecture": "LlamaForCausalLM", "provenance": None},
+                             files=file_records([gguf], **{gguf.name: {"quant": "q4_k_m"}}), name="m",
+                             converter={}, primary=gguf.name, end_of_turn=None, notes=notes, verified=None,
+                             verify_report=None, imatrix=None, seconds={})
+    path = write_json(out / "manifest.json", manifest)
+    return ExportResult(files={"q4_k_m": gguf}, manifest_path=path, verify_report=None, modelfile_path=out / "Modelfile",
+                        name="m", notes=[])
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_cli_prints_every_manifest_note(tmp_path, monkeypatch, capsys, as_json):
+    """Degraded exports (a fallback type, a Modelfile without a template or stop) say so in the manifest's notes,
+    and `care export gguf` shows every one of them."""
+    import care.export.gguf
+
+    notes = ["Q4_K_M: 3 of 7 weight matrices have rows not divisible by the 256-wide k-quants block",
+             "Modelfile: no known chat template in the HF model, so Ollama uses the one stored in the GGUF",
+             "Modelfile: no end-of-turn token found, so it sets no stop for it"]
+    result = _fake_export_with_notes(tmp_path, notes)
+    monkeypatch.setattr(care.export.gguf, "export_gguf", lambda *a, **kw: result)
+    rc = main(["export", "gguf", str(tmp_path), "--out", str(tmp_path / "out"), "--no-verify",
+               *(["--json"] if as_json else [])])
+    captured = capsys.readouterr()
+    assert rc == 0
+    if as_json:
+        assert json.loads(captured.out)["notes"] == notes
+    else:
+        shown = " ".join(captured.err.split())  # rich wraps long lines
+        for note in notes:
+            assert f"note: {note}" in shown

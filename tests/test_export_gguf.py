@@ -53,7 +53,7 @@ def test_files_manifest_and_hashes(llama_export):
 
 def test_gguf_metadata_name_template_tokens_provenance(llama_export):
     src, out, result = llama_export
-    from care.export.converter import hf_tokenizer
+    from care.export.hf_source import hf_tokenizer
 
     tok = hf_tokenizer(src)  # the same cached HF tokenizer the export used
     meta = read_gguf_metadata(result.files["q4_k_m"])

@@ -81,7 +81,7 @@ def test_calibration_is_the_recipes_training_rows_in_the_chat_template(trained_l
     first = cal.text[: len(cal.text) // 3]
     assert system_prompt("banking") in first and system_prompt("telecom") in first
     assert calibration_text(merged).sha256 == cal.sha256
-    from care.export.converter import hf_tokenizer
+    from care.export.hf_source import hf_tokenizer
 
     tok = hf_tokenizer(merged)
     assert cal.tokens == sum(len(tok(tok.apply_chat_template(to_messages(r), tokenize=False),
@@ -154,7 +154,7 @@ def test_chunk_ctx_leaves_llama_imatrix_two_chunks():
 def test_imatrix_comparison_rows_in_verify_report():
     """Each type is verified twice; the rows without the imatrix are a comparison: marked, summed up, and
     their failures do not fail the export."""
-    from care.export.gguf import PLAIN_SUFFIX, imatrix_comparison
+    from care.export.imatrix import PLAIN_SUFFIX, imatrix_comparison
 
     def entry(kl: float, top1: float, size: int) -> dict:
         return {"kl_mean": kl, "kl_p99": 4 * kl, "top1_agreement": top1, "ppl": 10 + kl, "file_bytes": size}
@@ -239,9 +239,10 @@ def test_smollm2_imatrix_export_beats_plain_and_records_both(smollm_hf, tmp_path
     model than without (on held-out text), verify.json has both rows, the manifest names the matrix and the
     hash of the exact calibration text, and the matrix file carries no local path."""
     _tools_or_skip()
-    from care.export.gguf import PLAIN_SUFFIX, export_gguf
-    from care.io import sha256_file
+    from care.export.gguf import export_gguf
+    from care.export.imatrix import PLAIN_SUFFIX
     from care.pipeline import sample_file
+    from care.system import sha256_file
 
     hf = smollm_hf
     out = tmp_path / "out"

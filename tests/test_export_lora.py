@@ -13,7 +13,8 @@ from tiny_models import make_adapter
 
 from care.errors import ExportError, ModelNotFoundError, VerificationError
 from care.export.gguf import export_gguf
-from care.export.lora import export_gguf_lora, inspect_adapter, read_lora_gguf
+from care.export.lora import export_gguf_lora, read_lora_gguf
+from care.export.lora_source import inspect_adapter
 from care.runtime import llama_compat
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,11 +170,11 @@ def test_phi3_fused_layout_adapter(tmp_path, tiny_phi3):
 @pytest.mark.slow
 def test_a_wrong_scale_fails_verification(tmp_path, tiny_llama, llama_f16, monkeypatch):
     """The verification that guards the rsLoRA fix fails when the stored alpha is peft's plain alpha."""
-    from care.export import lora
+    from care.export import lora_source
 
     adapter = make_adapter(tiny_llama, tmp_path / "adapter", targets=["q_proj", "v_proj", "down_proj"], r=16,
                            alpha=16, rslora=True, b_std=0.03, seed=1)
-    monkeypatch.setattr(lora.AdapterSource, "stored_alpha", property(lambda self: self.alpha))
+    monkeypatch.setattr(lora_source.AdapterSource, "stored_alpha", property(lambda self: self.alpha))
     with pytest.raises(VerificationError) as err:
         export_gguf_lora(adapter, tmp_path / "out", base=tiny_llama, verify_base=llama_f16, n_threads=1,
                          verify_kwargs={"max_tokens": 64})

@@ -1,11 +1,11 @@
-"""The export manifest helper shared by GGUF and ONNX: hashes, and provenance without local paths."""
+"""The public-provenance helpers of care.artifacts: file hashes, and provenance without local paths."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 
-from care.export.manifest import file_records, public_provenance, source_record
+from care.artifacts import file_records, public_provenance, source_record
 
 
 def test_public_provenance_keeps_names_and_hashes_not_paths(tmp_path):

@@ -169,15 +169,18 @@ def run_gguf(args: argparse.Namespace) -> int:
             if result is None:
                 raise
             failed = exc
+    from care.artifacts import read_gguf_manifest
+
+    notes = read_gguf_manifest(result.manifest_path)["notes"]  # every note the manifest keeps is shown
     if args.json:
         print(json.dumps({"files": {q: str(p) for q, p in result.files.items()},
                           "manifest": str(result.manifest_path), "fallback_tensors": result.fallback_tensors,
-                          "notes": result.notes, "verified": None if result.verify_report is None
+                          "notes": notes, "verified": None if result.verify_report is None
                           else result.verify_report["passed"], "imatrix": result.imatrix,
                           "imatrix_comparison": (result.verify_report or {}).get("imatrix")}, indent=2))
     else:
         err = _console(stderr=True)
-        for note in result.notes:
+        for note in notes:
             err.print(f"[yellow]note:[/yellow] {note}")
         console = _console()
         if result.verify_report is not None:
@@ -217,12 +220,14 @@ def run_gguf_lora(args: argparse.Namespace) -> int:
         if result is None:
             raise
         failed = exc
-    manifest = json.loads(result.manifest_path.read_text(encoding="utf-8"))
+    from care.artifacts import read_lora_manifest
+
+    manifest = read_lora_manifest(result.manifest_path)
     if args.json:
         print(json.dumps(manifest, indent=2))
     else:
         console = _console()
-        for note in result.notes:
+        for note in manifest["notes"]:  # every note the manifest keeps is shown
             _console(stderr=True).print(f"[yellow]note:[/yellow] {note}")
         if result.verify_report is not None:
             r = result.verify_report
@@ -321,7 +326,7 @@ def run_setup(args: argparse.Namespace) -> int:
         for name, path in build_tools(names, force=args.force).items():
             print(f"{name} ready: {path}")
         return 0
-    from care.export.converter import setup_converter
+    from care.toolchain.llamacpp.converter_setup import setup_converter
 
     print("Fetching llama.cpp's converter for the installed llama-cpp-python (pip download, ~75 MB)...",
           file=sys.stderr)

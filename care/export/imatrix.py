@@ -20,11 +20,8 @@ and the model pickers.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
-import re
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -32,12 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from care.errors import CareError, ConfigError, DataError, ExportError
+from care import proc
+from care.artifacts import MERGE_INFO, read_merge_info
+from care.errors import CareError, ConfigError, DataError, ExportError, ToolError
 from care.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 TOOLS = ("llama-imatrix", "llama-quantize")
+RUN_HINT = "CARE_DEBUG=1 shows the full log; check that the f16 GGUF loads (`care export verify`)"
 SETUP_HINT = "Build them once with `care export setup --tools llama-imatrix llama-quantize` (needs cmake and a C++ compiler)"
 # llama.cpp's own recommendation is ~100 chunks of 512 tokens; 32 keep a 3.8B model's pass on a 2-core CPU
 # within tens of minutes while still covering every domain of a recipe (the rows are shuffled first).
@@ -70,11 +70,37 @@ class Imatrix:
     seconds: float
 
     def record(self) -> dict[str, Any]:
-        from care.io import sha256_file
+        from care.system import sha256_file
 
         return {"file": self.path.name, "size": self.path.stat().st_size, "sha256": sha256_file(self.path),
                 "calibration": self.calibration.record(), "chunks": self.chunks, "n_ctx": self.n_ctx,
                 "tool": "llama-imatrix", "seconds": round(self.seconds, 1)}
+
+
+# verify.json label of a type quantized without the importance matrix, for the with/without comparison
+PLAIN_SUFFIX = " (no imatrix)"
+_COMPARED = ("top1_agreement", "kl_mean", "kl_p99", "ppl", "file_bytes")
+
+
+def imatrix_comparison(report: dict[str, Any], quants: Sequence[str]) -> dict[str, Any]:
+    """Mark each type's row in the verify report as with/without the imatrix and sum them up per type:
+    {"q4_k_m": {"with": {...}, "without": {...}, "kl_ratio": with/without}}. The rows without it are
+    comparisons, not outputs: their failures move to `comparison_failures` and do not fail the export."""
+    summary: dict[str, Any] = {}
+    plain_labels = {q + PLAIN_SUFFIX for q in quants}
+    for label, entry in report["files"].items():
+        entry["imatrix"] = label not in plain_labels
+    for q in quants:
+        with_, without = report["files"].get(q), report["files"].get(q + PLAIN_SUFFIX)
+        if with_ is None or without is None:
+            continue
+        summary[q] = {"with": {k: with_.get(k) for k in _COMPARED}, "without": {k: without.get(k) for k in _COMPARED},
+                      "kl_ratio": with_["kl_mean"] / without["kl_mean"] if without["kl_mean"] > 0 else None}
+    report["comparison_failures"] = [f for f in report["failures"] if f.split(":", 1)[0] in plain_labels]
+    report["failures"] = [f for f in report["failures"] if f.split(":", 1)[0] not in plain_labels]
+    report["passed"] = not report["failures"]
+    report["imatrix"] = summary
+    return summary
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,15 +118,13 @@ def find_recipe(model_dir: Path):
     import yaml
 
     from care.train.config import recipe_from_dict
-    from care.train.merge import MERGE_INFO
 
     prov: dict[str, Any] = {}
-    info = model_dir / MERGE_INFO
-    if info.is_file():
-        try:
-            prov = json.loads(info.read_text(encoding="utf-8"))
-        except ValueError:
-            log.warning("%s is not valid JSON; looking for the recipe beside the model instead", info)
+    if (model_dir / MERGE_INFO).is_file():
+        try:  # only the recipe's whereabouts are needed here, so no key is required
+            prov = read_merge_info(model_dir, required=())
+        except CareError as exc:
+            log.warning("%s; looking for the recipe beside the model instead", exc.one_line())
     original = Path(prov["recipe_path"]) if isinstance(prov.get("recipe_path"), str) else None
     candidates: list[Path] = []
     if isinstance(prov.get("adapter"), str):
@@ -248,35 +272,14 @@ def imatrix_tools(progress: Callable[[str, int, int], None] | None = None) -> di
 
 def run_tool(cmd: Sequence[str | Path], what: str, path: Path,
              on_line: Callable[[str], None] | None = None, cwd: Path | None = None) -> list[str]:
-    """Run a llama.cpp tool, streaming its log to `on_line`; a failure is one ExportError line carrying the
-    tool's own error message."""
-    cmd = [str(c) for c in cmd]
-    log.info("$ %s", " ".join(cmd))
-    tail: list[str] = []
+    """Run a llama.cpp tool (care.proc.run_tool), streaming its log to `on_line`; a failure is one ExportError
+    line carrying the tool's own error message. Returns the tail of its output."""
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                cwd=cwd)
-    except OSError as exc:
-        raise ExportError(f"Cannot run {Path(cmd[0]).name}: {exc}", path=cmd[0], hint=SETUP_HINT) from exc
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            tail = [*tail[-80:], line.rstrip()]
-            log.debug("%s: %s", what, line.rstrip())
-            if on_line is not None:
-                on_line(line)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    rc = proc.wait()
-    if rc != 0:
-        err = next((t for t in reversed(tail) if re.search(r"\bE\b |error|failed|exception|what\(\)", t, re.I)),
-                   tail[-1] if tail else "no output")
-        err = re.sub(r"^\s*[\d.]+ E\s+", "", err).strip()  # llama.cpp's "0.00.400.707 E " log prefix
-        raise ExportError(f"{what} failed (exit {rc}): {err[:300]}", path=path,
-                          hint="CARE_DEBUG=1 shows the full log; check that the f16 GGUF loads (`care export verify`)")
-    return tail
+        return proc.run_tool(cmd, what=what, on_line=on_line, cwd=cwd, path=path, hint=RUN_HINT).lines
+    except ToolError as exc:
+        if exc.returncode is None:  # it never ran: not built, or not executable
+            raise ExportError(exc.message, path=exc.path, hint=SETUP_HINT) from exc
+        raise ExportError(exc.message, path=path, hint=RUN_HINT) from exc
 
 
 def compute_imatrix(f16_path: Path, calibration: Calibration, out_path: Path, *, tool: Path,
@@ -285,7 +288,7 @@ def compute_imatrix(f16_path: Path, calibration: Calibration, out_path: Path, *,
     """Run llama-imatrix on `f16_path` over `calibration` (at most `chunks` chunks of `n_ctx` tokens) and save
     the matrix to `out_path` (temp file + rename)."""
     if n_threads is None:
-        from care.runtime.engine import default_threads
+        from care.system import default_threads
 
         n_threads = default_threads()
     ctx = chunk_ctx(calibration.tokens, n_ctx)

@@ -16,12 +16,9 @@ So int4 uses k_quant_mixed unless asked otherwise; int8 when quality matters mor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from care.errors import ExportError, UsageError, VerificationError, require
-from care.export.manifest import file_records, public_name, source_record
-from care.export.manifest import manifest as make_manifest
+from care.artifacts import ONNX_MANIFEST, file_records, onnx_manifest, public_name, source_record
+from care.errors import ExportError, ToolError, UsageError, VerificationError, WorkerError, require
 from care.io import check_free_space, make_readable, write_json
+from care.proc import run_tool, run_worker, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +40,6 @@ INT4_ALGOS = ("k_quant_mixed", "k_quant_last", "k_quant", "rtn", "rtn_last", "de
 # same recipe as Q4_K_M, so it gets Q4_K_M's limits (measured 0.14 on SmolLM2-135M); int8 ~ Q8_0;
 # fp32 must be near-exact (only kernel summation order differs).
 KL_LIMITS = {"int4": (0.4, 0.1), "int8": (0.02, 0.005), "fp32": (1e-4, 1e-4)}
-MARKER = "care_onnx.json"
 
 
 @dataclass
@@ -70,7 +66,7 @@ def export_onnx(
     verify_kwargs: dict[str, Any] | None = None,
 ) -> OnnxExportResult:
     """Build an onnxruntime-genai model folder at `out_dir` (built in a temp folder, renamed when done)."""
-    from care.export.converter import inspect_model_dir
+    from care.export.hf_source import inspect_model_dir
 
     require("onnxruntime_genai", "export")
     require("onnx_ir", "export")
@@ -81,7 +77,7 @@ def export_onnx(
         raise UsageError(f"Unknown int4 algorithm '{algo}'", hint=f"Choose from: {', '.join(INT4_ALGOS)}")
     src = inspect_model_dir(model_dir)
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if out.exists() and any(out.iterdir()) and not (out / ONNX_MANIFEST).is_file():
         raise UsageError("The output folder exists and is not a previous `care export onnx` output", path=out,
                          hint="Choose an empty or new --out folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +100,9 @@ def export_onnx(
                                  **(verify_kwargs or {}))
             seconds["verify"] = time.perf_counter() - t0
             write_json(build / "verify.json", report)
-        files = sorted(p for p in build.iterdir() if p.is_file() and p.name != MARKER)
-        manifest = make_manifest(
-            "care-export-onnx/1", source_record(src.path, src.architecture, src.provenance), file_records(files),
+        files = sorted(p for p in build.iterdir() if p.is_file() and p.name != ONNX_MANIFEST)
+        manifest = onnx_manifest(
+            source=source_record(src.path, src.architecture, src.provenance), files=file_records(files),
             precision=precision,
             int4_algo=algo,
             builder={"onnxruntime_genai": _version("onnxruntime-genai"), "onnxruntime": _version("onnxruntime")},
@@ -117,7 +113,7 @@ def export_onnx(
                                                   "out_dir": public_name(str(out.resolve())),
                                                   "precision": precision, "int4_algo": algo, "verify": verify,
                                                   "n_threads": n_threads})
-        write_json(build / MARKER, manifest)
+        write_json(build / ONNX_MANIFEST, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(build, out)
@@ -125,7 +121,7 @@ def export_onnx(
         shutil.rmtree(tmp, ignore_errors=True)
     for p in out.iterdir():
         make_readable(p)
-    result = OnnxExportResult(out_dir=out, precision=precision, int4_algo=algo, manifest_path=out / MARKER,
+    result = OnnxExportResult(out_dir=out, precision=precision, int4_algo=algo, manifest_path=out / ONNX_MANIFEST,
                               verify_report=report, size_bytes=sum(p.stat().st_size for p in out.iterdir()),
                               seconds=seconds)
     if report is not None and not report["passed"]:
@@ -155,14 +151,11 @@ def _run_builder(src: Path, out: Path, cache: Path, precision: str, algo: str | 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if n_threads:
         env["OMP_NUM_THREADS"] = str(n_threads)
-    log.info("running %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        err = next((ln for ln in reversed(lines) if re.search(r"error|exception|not supported", ln, re.I)),
-                   lines[-1] if lines else f"exit code {proc.returncode}")
-        raise ExportError(f"onnxruntime-genai's model builder failed: {err.strip()[:300]}", path=src,
-                          hint="Run with CARE_DEBUG=1 for its full output")
+    try:
+        run_tool(cmd, what="onnxruntime-genai's model builder", env=env, path=src)
+    except ToolError as exc:
+        raise ExportError(f"onnxruntime-genai's model builder failed: {exc.detail or exc.message}", path=src,
+                          hint="Run with CARE_DEBUG=1 for its full output") from exc
 
 
 def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLike[str], precision: str = "int4",
@@ -172,7 +165,7 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
     and a greedy reply generated through onnxruntime-genai."""
     import numpy as np
 
-    from care.export.verify import EVAL_TEXTS, TOKENIZER_CORPUS, hf_reference, logit_metrics
+    from care.export.reference import EVAL_TEXTS, TOKENIZER_CORPUS, by_size, hf_reference, logit_metrics
 
     onnx_dir, hf_dir = Path(onnx_dir), Path(hf_model_dir)
     ref = hf_reference(hf_dir, max_tokens, EVAL_TEXTS)
@@ -180,18 +173,14 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
         job = {"onnx_dir": str(onnx_dir), "seqs": ref["seqs"], "corpus": list(TOKENIZER_CORPUS),
                "prompt": next((c["text"] for c in ref["chats"] if "text" in c), None), "gen_tokens": gen_tokens,
                "n_threads": n_threads or 0, "out": tmp}
-        (Path(tmp) / "job.json").write_text(json.dumps(job), encoding="utf-8")
-        proc = subprocess.run([sys.executable, "-m", "care.export.onnx", "--worker", str(Path(tmp) / "job.json")],
-                              capture_output=True, text=True, errors="replace")
-        res_path = Path(tmp) / "result.json"
-        if proc.returncode != 0 or not res_path.is_file():
-            last = ([ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()] or ["no output"])[-1]
-            raise VerificationError(f"onnxruntime-genai could not run the model: {last[:300]}", path=onnx_dir)
-        res = json.loads(res_path.read_text(encoding="utf-8"))
+        try:
+            res = run_worker("care.export.onnx", job, workdir=Path(tmp), what="onnxruntime-genai")
+        except WorkerError as exc:
+            raise VerificationError(f"onnxruntime-genai could not run the model: {exc.detail or exc.message}",
+                                    path=onnx_dir) from exc
         logits = [np.load(f) for f in res["logit_files"]]
         metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
-    small, large = KL_LIMITS[precision]
-    limit = small if ref["n_params"] < 1_000_000_000 else large
+    limit = by_size(KL_LIMITS[precision], ref["n_params"])
     failures = []
     if metrics["kl_mean"] > limit:
         failures.append(f"mean KL {metrics['kl_mean']:.4g} exceeds the {precision} limit {limit:g}")
@@ -207,12 +196,11 @@ def verify_onnx(onnx_dir: str | os.PathLike[str], hf_model_dir: str | os.PathLik
     return report
 
 
-def _worker(job_path: str) -> int:
-    """Subprocess body: logits and a greedy reply through onnxruntime-genai."""
+def onnx_side(job: dict[str, Any]) -> dict[str, Any]:
+    """The worker: logits (saved as .npy) and a greedy reply through onnxruntime-genai."""
     import numpy as np
     import onnxruntime_genai as og
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
     out = Path(job["out"])
     model = og.Model(og.Config(job["onnx_dir"]))
     tok = og.Tokenizer(model)
@@ -241,11 +229,8 @@ def _worker(job_path: str) -> int:
             new.append(int(gen.get_next_tokens()[0]))
         res["reply"] = tok.decode(np.asarray(new, dtype=np.int32))
         res["reply_tokens"] = len(new)
-    (out / "result.json").write_text(json.dumps(res), encoding="utf-8")
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m care.export.onnx --worker JOB.json")
+    sys.exit(worker_main(onnx_side))

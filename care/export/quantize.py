@@ -9,18 +9,20 @@ instead (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). The count is reported, never
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from care.errors import ExportError, UsageError
+from care.errors import ExportError, UsageError, WorkerError
 from care.io import atomic_path, check_free_space, make_readable
+from care.proc import how_it_ended, report_progress, run_worker, worker_main
 from care.runtime import llama_compat
+from care.system import default_threads
 
 log = logging.getLogger(__name__)
 
@@ -113,37 +115,37 @@ def quantize_many(
     need = sum(int(size * QUANT_TYPES[q][1] / 16) for q in targets)
     check_free_space(next(iter(targets.values())).parent, need, "quantized GGUFs")
     results: dict[str, QuantResult] = {}
-    from contextlib import ExitStack
+    logs = {q: QuantLog(q, progress) for q in targets}
+    current: list[QuantLog] = []  # the type being made; llama.cpp's log lines belong to it
+
+    def on_progress(record: dict) -> None:
+        if record.get("event") == "start":
+            current[:] = [logs[record["quant"]]]
+        elif record.get("event") == "done":
+            q = record["quant"]
+            results[q] = QuantResult(q, targets[q], record["fallback"], record["total"], logs[q].fallback_types,
+                                     record["seconds"])
+            current.clear()
+
+    def on_line(line: str) -> None:
+        if current:
+            current[0].feed(line)
 
     with ExitStack() as stack:
         parts = {q: stack.enter_context(atomic_path(p)) for q, p in targets.items()}
         jobs = [{"quant": q, "ftype": QUANT_TYPES[q][0], "out": str(parts[q])} for q in targets]
-        cmd = [sys.executable, "-m", "care.export.quantize", str(f16_path), json.dumps(jobs),
-               str(n_threads or _default_threads())]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace")
-        assert proc.stdout is not None
-        current: QuantLog | None = None
-        tail: list[str] = []
-        logs = {q: QuantLog(q, progress) for q in targets}
-        for line in proc.stdout:
-            tail = [*tail[-50:], line.rstrip()]
-            if line.startswith("CARE-QUANT-START "):
-                current = logs[line.split()[1]]
-                continue
-            if line.startswith("CARE-QUANT-DONE "):
-                info = json.loads(line.split(" ", 1)[1])
-                q = info["quant"]
-                results[q] = QuantResult(q, targets[q], info["fallback"], info["total"], logs[q].fallback_types,
-                                         info["seconds"])
-                continue
-            if current is not None:
-                current.feed(line)
-        rc = proc.wait()
-        if rc != 0 or len(results) != len(targets):
-            err = next((t for t in reversed(tail) if re.search(r"error|failed|exception", t, re.I)),
-                       tail[-1] if tail else "no output")
-            raise ExportError(f"llama.cpp's quantizer failed (exit {rc}): {err.strip()[:300]}", path=f16_path,
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="care-quantize-")))
+        try:
+            run_worker("care.export.quantize", {"f16": str(f16_path), "jobs": jobs,
+                                                "n_threads": n_threads or default_threads()},
+                       workdir=workdir, what="llama.cpp's quantizer", on_progress=on_progress, on_line=on_line)
+        except WorkerError as exc:
+            detail = exc.detail or "no output"
+            how = how_it_ended(exc.returncode) if exc.returncode is not None else "did not start"
+            raise ExportError(f"llama.cpp's quantizer failed ({how}): {detail}", path=f16_path,
+                              hint="Check that the f16 GGUF loads (`care export verify`)") from exc
+        if len(results) != len(targets):
+            raise ExportError(f"llama.cpp's quantizer made {len(results)} of {len(targets)} types", path=f16_path,
                               hint="Check that the f16 GGUF loads (`care export verify`)")
     _log_fallbacks(results)
     return results
@@ -180,7 +182,7 @@ def quantize_with_tool(
     size = f16_path.stat().st_size
     check_free_space(next(iter(targets.values())).parent,
                      sum(int(size * QUANT_TYPES[q][1] / 16) for q in targets), "quantized GGUFs")
-    threads = str(n_threads or _default_threads())
+    threads = str(n_threads or default_threads())
     results: dict[str, QuantResult] = {}
     for q, target in targets.items():
         qlog = QuantLog(q, progress)
@@ -195,75 +197,36 @@ def quantize_with_tool(
     return results
 
 
-def _default_threads() -> int:
-    from care.runtime.engine import default_threads
-
-    return default_threads()
-
-
-def _worker(f16_path: str, jobs_json: str, n_threads: str) -> int:
-    """Subprocess body: quantize each job, printing markers the parent parses."""
+def quantize_jobs(job: dict) -> dict:
+    """The worker: quantize each type of the job in turn, reporting its start and end to the parent (llama.cpp's
+    log lines, which carry the progress and the fallbacks, go to stdout in between)."""
     import time
 
     llama_cpp = llama_compat.load()
-
-    for job in json.loads(jobs_json):
-        _emit(f"CARE-QUANT-START {job['quant']}")
+    done = []
+    for item in job["jobs"]:
+        report_progress({"event": "start", "quant": item["quant"]})
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, job["ftype"])
-        params.nthread = int(n_threads)
+        params.ftype = getattr(llama_cpp, item["ftype"])
+        params.nthread = int(job["n_threads"])
         t0 = time.perf_counter()
-        buf = _CaptureFallback()
-        with buf:
-            rc = llama_cpp.llama_model_quantize(f16_path.encode(), job["out"].encode(), params)
-        if rc != 0:
-            _emit(f"error: llama_model_quantize returned {rc} for {job['quant']}")
-            return 1
-        info = {"quant": job["quant"], "fallback": buf.qlog.fallback, "total": buf.qlog.total,
-                "seconds": round(time.perf_counter() - t0, 3)}
-        _emit("CARE-QUANT-DONE " + json.dumps(info))
-    return 0
+        qlog = QuantLog("")  # llama.cpp's per-tensor log: the fallback count here, the progress in the parent
 
-
-def _emit(line: str) -> None:
-    """Worker -> parent protocol line on stdout (not user output)."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
-class _CaptureFallback:
-    # llama.cpp's per-tensor log is both our progress source and the fallback count.
-    """Reads llama.cpp's 'N of M tensor(s) required fallback quantization' line from the log callback."""
-
-    def __enter__(self):
-        llama_cpp = llama_compat.load()
-        _logger = llama_cpp._logger
-
-        self.qlog = QuantLog("")
-        outer = self
-
-        @llama_cpp.llama_log_callback
-        def callback(level, text, user_data):  # noqa: ARG001 - ctypes signature
-            line = text.decode("utf-8", "replace")
-            outer.qlog.feed(line)
-            sys.stdout.write(line)
+        def on_text(text: str, qlog: QuantLog = qlog) -> None:
+            qlog.feed(text)
+            sys.stdout.write(text)
             sys.stdout.flush()
 
-        import ctypes
-
-        self._cb = callback
-        self._restore = _logger.llama_log_callback
-        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-        return self
-
-    def __exit__(self, *exc):
-        import ctypes
-
-        llama_cpp = llama_compat.load()
-
-        llama_cpp.llama_log_set(self._restore, ctypes.c_void_p(0))
-        return False
+        with llama_compat.log_callback(on_text):
+            rc = llama_cpp.llama_model_quantize(job["f16"].encode(), item["out"].encode(), params)
+        if rc != 0:
+            raise ExportError(f"llama_model_quantize returned {rc} for {item['quant']}")
+        info = {"quant": item["quant"], "fallback": qlog.fallback, "total": qlog.total,
+                "seconds": round(time.perf_counter() - t0, 3)}
+        report_progress({"event": "done", **info})
+        done.append(info)
+    return {"done": done}
 
 
 if __name__ == "__main__":
-    sys.exit(_worker(*sys.argv[1:4]))
+    sys.exit(worker_main(quantize_jobs))

@@ -17,235 +17,101 @@ while HF uses the short ones for short inputs, so a larger n_ctx would make a co
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from care.errors import InvalidModelError, VerificationError
+from care.errors import VerificationError, WorkerError
+from care.export.hf_source import inspect_model_dir
+from care.export.reference import EVAL_TEXTS, hf_reference, kl_limit, logit_metrics
+from care.gguf_file import read_header
 from care.models import check_gguf
+from care.proc import how_it_ended, run_worker, worker_main
 from care.runtime import llama_compat
 
 log = logging.getLogger(__name__)
 
 MAX_VERIFY_CTX = 4096
 
-# Tokenizer parity corpus: scripts, code, whitespace runs, digits, emoji, and chat markup of the formats we
-# export (special tokens must be parsed as single tokens on both sides).
-TOKENIZER_CORPUS: tuple[str, ...] = (
-    "Hello world! How do I block a lost card?",
-    " leading space, double  spaces and trailing space ",
-    "Der Patient klagt über Übelkeit und Schwindel seit drei Tagen.",
-    "Le médecin a prescrit 500 mg de paracétamol, à prendre deux fois par jour.",
-    "¿Dónde está la farmacia más cercana? Necesito ibuprofeno.",
-    "Пациент жалуется на головную боль и температуру 38,5 °C.",
-    "患者主诉胸痛三天，伴有呼吸困难。",
-    "今日は病院に行きました。薬を飲んでください。",
-    "المريض يعاني من ارتفاع ضغط الدم",
-    "मरीज को बुखार और खांसी है।",
-    "Emoji 🙂🚑💊 and symbols ±×÷≤≥ → ✓",
-    "def dose(weight_kg: float) -> float:\n    return round(weight_kg * 0.15, 2)  # mg\n\tpass\n",
-    "if (x != 0 && y >= 10) { printf(\"%d\\n\", x); }",
-    "Numbers: 3.14159, 1,000,000, 2024-06-01, +1 (555) 010-9999",
-    "line one\n\nline two\n\n\n   indented line\r\nwindows line",
-    "<|im_start|>user\nMy SIM card stopped working.<|im_end|>\n<|im_start|>assistant\n",
-    "<|system|>\nYou are a helpful assistant.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n",
-    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>",
-)
-
-CHAT_CASES: tuple[list[dict[str, str]], ...] = (
-    [{"role": "user", "content": "How do I reset my router?"}],
-    [{"role": "system", "content": "You are a careful clinic assistant."},
-     {"role": "user", "content": "Is 38.5 °C a fever for a child?"}],
-    [{"role": "user", "content": "Bonjour, ma carte est bloquée."},
-     {"role": "assistant", "content": "Je peux vous aider. Quelle banque ?"},
-     {"role": "user", "content": "La Banque Postale 🙂"}],
-)
-
-# Held-out text for KL/perplexity: a rendered support dialog, a clinical note, and code.
-EVAL_TEXTS: tuple[str, ...] = (
-    "Customer: My card was swallowed by the ATM this morning and I need cash today. What can I do?\n"
-    "Agent: I am sorry to hear that. For your security the card has been blocked automatically. You can "
-    "withdraw cash at any branch with your ID, and a replacement card will arrive within five working days. "
-    "Would you like me to order the replacement now?",
-    "The patient is a 54-year-old woman with type 2 diabetes and hypertension who presents with three days of "
-    "productive cough, fever up to 38.7 degrees and mild shortness of breath. Oxygen saturation is 95 percent "
-    "on room air. Chest examination reveals crackles at the right base. The most likely diagnosis is "
-    "community-acquired pneumonia, and oral antibiotics with follow-up in 48 hours are appropriate.",
-    "def moving_average(values, window):\n    \"\"\"Return the moving average of a list.\"\"\"\n"
-    "    if window <= 0:\n        raise ValueError('window must be positive')\n    out = []\n"
-    "    for i in range(len(values) - window + 1):\n        out.append(sum(values[i:i + window]) / window)\n"
-    "    return out\n",
-)
-
-# KL(HF fp32 || GGUF) limits, nats per token, by quant and model size (< 1B, >= 1B parameters).
-# Reference points: llama.cpp's perplexity tool reports mean KL ~0.001 for Q8_0 and ~0.03 for Q4_K_M on 7B+
-# models; the "large" column gives ~3-5x headroom over those. Small models lose more per bit, and SmolLM2's
-# 576-wide rows push 180 of 211 matrices of a K-quant onto 32-block fallbacks. Measured on SmolLM2-135M
-# (bench/export.py, 241 tokens of held-out text): Q8_0 0.004, Q6_K 0.013, Q5_K_M 0.077, Q4_K_M 0.056,
-# Q4_0 0.30; the "small" column gives ~3-4x headroom over those, so a real defect (a dropped or mis-mapped
-# tensor, wrong RoPE: KL of whole nats) fails while run-to-run text choice does not. Tiny random test models
-# have near-uniform outputs and far smaller KL at any quant; for them the f16 checks below carry the weight.
-KL_LIMITS: dict[str, tuple[float, float]] = {
-    "f32": (1e-4, 1e-4),
-    "bf16": (5e-3, 2e-3),
-    "f16": (1e-3, 1e-3),
-    "q8_0": (0.015, 0.005),
-    "q6_k": (0.05, 0.015),
-    "q5_k_m": (0.3, 0.03),
-    "q5_k_s": (0.3, 0.035),
-    "q5_0": (0.3, 0.04),
-    "q5_1": (0.3, 0.035),
-    "q4_k_m": (0.3, 0.1),
-    "q4_k_s": (0.35, 0.12),
-    "q4_0": (1.0, 0.2),
-    "q4_1": (0.8, 0.15),
-    "q3_k_m": (1.5, 0.35),
-    "iq4_xs": (1.0, 0.15),  # SmolLM2 (bench/phone_quant.py): 0.24 without an imatrix, 0.11 with one
-}
 # f16 must be near-exact at any size (it only rounds weights to 11 significant bits): the same next token
 # nearly always (ties in near-uniform tiny models may flip one), and no single position's KL above 2e-3
 # (SmolLM2 measured max 5e-5, tiny models 1e-6; a mis-mapped tensor gives whole nats even where a random
 # model's flat output keeps the mean small).
 F16_MIN_TOP1 = 0.98
 F16_MAX_POSITION_KL = 2e-3
-SMALL_MODEL_PARAMS = 1_000_000_000
-
-
-def kl_limit(quant: str, n_params: int) -> float:
-    small, large = KL_LIMITS.get(quant, (1.5, 0.5))
-    return small if n_params < SMALL_MODEL_PARAMS else large
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Key facts of a GGUF read with the PyPI `gguf` reader (pure Python: cannot crash the process)."""
-    import gguf
+    """Key facts of a GGUF from its header (care.gguf_file: pure Python, cannot crash the process), and the
+    LongRoPE factor tensors' values."""
     import numpy as np
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # truncated files fail in numpy memmap / struct parsing with various types
-        raise InvalidModelError(f"Truncated or corrupt GGUF ({type(exc).__name__}: {exc})", path=path,
-                                hint="Re-export it with `care export gguf`") from exc
-    last = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    if last > path.stat().st_size:
-        raise InvalidModelError("Truncated GGUF: tensor data runs past the end of the file", path=path,
-                                hint="Re-export it with `care export gguf`")
-
-    def value(key: str) -> Any:
-        field = reader.fields.get(key)
-        if field is None:
-            return None
-        v = field.contents()
-        return v
-
-    arch = value("general.architecture")
+    header = read_header(path)
+    meta_kv = header.metadata
+    arch = meta_kv.get("general.architecture")
     types: dict[str, int] = {}
-    for t in reader.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    for t in header.tensors:
+        types[tensor_type_name(t.ggml_type)] = types.get(tensor_type_name(t.ggml_type), 0) + 1
+    file_type = header.file_type
     meta: dict[str, Any] = {
-        "name": value("general.name"),
+        "name": meta_kv.get("general.name"),
         "architecture": arch,
-        "file_type": value("general.file_type"),
-        "context_length": value(f"{arch}.context_length"),
-        "chat_template": value("tokenizer.chat_template"),
-        "bos_token_id": value("tokenizer.ggml.bos_token_id"),
-        "eos_token_id": value("tokenizer.ggml.eos_token_id"),
-        "eot_token_id": value("tokenizer.ggml.eot_token_id"),
-        "add_bos_token": value("tokenizer.ggml.add_bos_token"),
+        "file_type": meta_kv.get("general.file_type"),
+        "context_length": meta_kv.get(f"{arch}.context_length"),
+        "chat_template": meta_kv.get("tokenizer.chat_template"),
+        "bos_token_id": meta_kv.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta_kv.get("tokenizer.ggml.eos_token_id"),
+        "eot_token_id": meta_kv.get("tokenizer.ggml.eot_token_id"),
+        "add_bos_token": meta_kv.get("tokenizer.ggml.add_bos_token"),
         "tensor_types": types,
-        "n_tensors": len(reader.tensors),
-        "n_params": int(sum(int(np.prod(t.shape)) for t in reader.tensors)),
-        "provenance": {k: value(k) for k in reader.fields if k.startswith("care.")},
+        "n_tensors": len(header.tensors),
+        "n_params": int(sum(math.prod(t.shape) for t in header.tensors)),
+        "provenance": {k: v for k, v in meta_kv.items() if k.startswith("care.")},
+        # "Q4_K_M", "F16", "F32" (for ALL_F32); None for a number gguf-py does not know
+        "file_type_name": None if file_type is None or file_type.startswith("ftype ")
+        else file_type.removeprefix("ALL_"),
     }
     for which in ("long", "short"):
-        t = next((t for t in reader.tensors if t.name == f"rope_factors_{which}.weight"), None)
-        meta[f"rope_factors_{which}"] = None if t is None else [float(x) for x in np.asarray(t.data).ravel()]
-    try:
-        import gguf as _g
-
-        name = _g.LlamaFileType(int(meta["file_type"])).name
-        meta["file_type_name"] = name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except (TypeError, ValueError):
-        meta["file_type_name"] = None
+        t = next((t for t in header.tensors if t.name == f"rope_factors_{which}.weight"), None)
+        dtype = None if t is None else {0: np.float32, 1: np.float16}.get(t.ggml_type)  # ggml F32, F16
+        meta[f"rope_factors_{which}"] = None if dtype is None else [float(x) for x in np.fromfile(
+            path, dtype=dtype, count=math.prod(t.shape), offset=header.data_offset + t.offset)]
     return meta
 
 
-# --------------------------------------------------------------------------------------------------------
-# HF reference
+def tensor_type_name(ggml_type: int) -> str:
+    """A ggml tensor type's name ("Q4_K", "F32") as gguf-py spells it."""
+    import gguf
 
-
-def hf_reference(hf_dir: Path, max_tokens: int, texts: tuple[str, ...], dtype: str = "float32") -> dict[str, Any]:
-    """Everything needed from the HF side, computed once for all the files being verified."""
-    import numpy as np
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from care.export.converter import hf_tokenizer
-
-    hf_logging.disable_progress_bar()  # the "Loading weights" bar would break the printed table
-    torch.set_num_threads(int(os.environ.get("CARE_THREADS", "0")) or torch.get_num_threads())
-    tok = hf_tokenizer(hf_dir)
-    corpus = {t: tok(t, add_special_tokens=False)["input_ids"] for t in TOKENIZER_CORPUS}
-    chats = []
-    has_template = bool(getattr(tok, "chat_template", None))
-    if has_template:
-        for msgs in CHAT_CASES:
-            try:
-                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # e.g. a template that rejects system messages
-                chats.append({"messages": msgs, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            chats.append({"messages": msgs, "text": text,
-                          "ids": tok(text, add_special_tokens=False)["input_ids"]})
-    seqs = [tok(t, add_special_tokens=True)["input_ids"][:max_tokens] for t in texts]
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=getattr(torch, dtype)).eval()
-    logprobs = []
-    with torch.inference_mode():
-        for ids in seqs:
-            out = model(torch.tensor([ids])).logits[0].float()
-            logprobs.append(torch.log_softmax(out, dim=-1).numpy().astype(np.float32))
-    n_params = sum(p.numel() for p in model.parameters())
-    del model
-    from care.export.converter import end_of_turn_token, expected_rope_factors
-
-    return {"corpus": corpus, "chats": chats, "seqs": seqs, "logprobs": logprobs, "n_params": n_params,
-            "eot": end_of_turn_token(hf_dir), "rope": expected_rope_factors(hf_dir),
-            "has_template": has_template}
+    try:
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
 
 
 # --------------------------------------------------------------------------------------------------------
-# llama.cpp side (subprocess)
+# llama.cpp side (a child worker: llama.cpp can abort the process on a bad file)
 
 
-def _run_worker(gguf_path: Path, job: dict[str, Any], workdir: Path, timeout: float | None) -> dict[str, Any]:
-    job_path = workdir / "job.json"
-    job_path.write_text(json.dumps(job), encoding="utf-8")
-    cmd = [sys.executable, "-m", "care.export.verify", "--worker", str(job_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
-    result_path = workdir / "result.json"
-    if proc.returncode != 0 or not result_path.is_file():
-        lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-        last = next((ln for ln in reversed(lines) if "error" in ln.lower() or "what()" in ln), None)
-        last = last or (lines[-1] if lines else f"exit code {proc.returncode}")
-        raise VerificationError(f"llama.cpp could not load or run the GGUF: {last.strip()[:300]}",
-                                path=gguf_path, hint="Re-export it with `care export gguf` (CARE_DEBUG=1 for "
-                                "the full log)")
-    return json.loads(result_path.read_text(encoding="utf-8"))
+def run_llama_worker(gguf_path: Path, job: dict[str, Any], workdir: Path, timeout: float | None) -> dict[str, Any]:
+    try:
+        return run_worker("care.export.verify", dict(job, workdir=str(workdir)), workdir=workdir, timeout=timeout,
+                          what="llama.cpp")
+    except WorkerError as exc:
+        detail = exc.detail or (how_it_ended(exc.returncode) if exc.returncode is not None else exc.message)
+        raise VerificationError(f"llama.cpp could not load or run the GGUF: {detail}", path=gguf_path,
+                                hint="Re-export it with `care export gguf` (CARE_DEBUG=1 for the full log)") from exc
 
 
-def _worker(job_path: str) -> int:
-    """Subprocess body: load the GGUF with llama.cpp, tokenize, render, score, generate."""
+def llama_side(job: dict[str, Any]) -> dict[str, Any]:
+    """The worker: load the GGUF with llama.cpp, tokenize, render, score, generate (logits saved as .npy)."""
     import numpy as np
 
-    job = json.loads(Path(job_path).read_text(encoding="utf-8"))
-    workdir = Path(job_path).parent
+    workdir = Path(job["workdir"])
     llama_cpp = llama_compat.load()
 
     from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
@@ -257,11 +123,10 @@ def _worker(job_path: str) -> int:
     res: dict[str, Any] = {"corpus": {}, "chats": [], "seq_files": []}
     for text in job["corpus"]:
         res["corpus"][text] = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     res["eos"] = llm.token_eos()
     res["bos"] = llm.token_bos()
-    res["eot"] = llm._model.token_eot()
-    res["is_eog"] = {str(t): bool(llama_cpp.llama_vocab_is_eog(vocab, int(t))) for t in job["eog_check"]}
+    res["eot"] = llama_compat.token_eot(llm)
+    res["is_eog"] = {str(t): llama_compat.is_eog(llm, int(t)) for t in job["eog_check"]}
     for i, ids in enumerate(job["seqs"]):
         llm.reset()
         llm.eval(ids)
@@ -282,48 +147,11 @@ def _worker(job_path: str) -> int:
         res["finish_reason"] = final.finish_reason
         res["stop_strings"] = engine.stop_strings
         engine.close()
-    (workdir / "result.json").write_text(json.dumps(res), encoding="utf-8")
-    return 0
+    return res
 
 
 # --------------------------------------------------------------------------------------------------------
-# comparison
-
-
-def logit_metrics(ref_logprobs: list[Any], gguf_logits: list[Any], seqs: list[list[int]]) -> dict[str, float]:
-    import numpy as np
-
-    agree = total = 0
-    kls: list[float] = []
-    nll_q: list[float] = []
-    nll_hf: list[float] = []
-    max_dlogp = 0.0
-    for lp_hf, logits, ids in zip(ref_logprobs, gguf_logits, seqs, strict=True):
-        logits = logits.astype(np.float64)
-        lp_q = logits - logits.max(axis=-1, keepdims=True)
-        lp_q = lp_q - np.log(np.exp(lp_q).sum(axis=-1, keepdims=True))
-        lp_hf = lp_hf.astype(np.float64)
-        p_hf = np.exp(lp_hf)
-        kl = (p_hf * (lp_hf - lp_q)).sum(axis=-1)  # per position
-        kls.extend(kl.tolist())
-        agree += int((lp_hf.argmax(-1) == lp_q.argmax(-1)).sum())
-        total += len(ids)
-        nxt = np.asarray(ids[1:])
-        pos = np.arange(len(ids) - 1)
-        nll_q.extend((-lp_q[pos, nxt]).tolist())
-        nll_hf.extend((-lp_hf[pos, nxt]).tolist())
-        max_dlogp = max(max_dlogp, float(np.abs(lp_hf - lp_q).max()))
-    kl_arr = np.asarray(kls)
-    return {
-        "tokens": total,
-        "top1_agreement": agree / max(total, 1),
-        "kl_mean": max(0.0, float(kl_arr.mean())),  # tiny negatives are float rounding
-        "kl_p99": float(np.quantile(kl_arr, 0.99)),
-        "kl_max": float(kl_arr.max()),
-        "ppl": float(math.exp(sum(nll_q) / max(len(nll_q), 1))),
-        "ppl_hf": float(math.exp(sum(nll_hf) / max(len(nll_hf), 1))),
-        "max_abs_dlogprob": max_dlogp,
-    }
+# Comparison
 
 
 def verify_many(
@@ -351,8 +179,6 @@ def verify_many(
     `logits_out`, when given, receives each label's llama.cpp logits and the key "hf" the HF log-probs.
     Returns the report dict (see verify.json). Raises VerificationError when `fail` and a check fails.
     """
-    from care.export.converter import inspect_model_dir
-
     hf_dir = Path(hf_model_dir).expanduser()
     inspect_model_dir(hf_dir)  # same one-line errors as export for a bad source folder
     n_ctx = min(n_ctx, MAX_VERIFY_CTX)
@@ -362,7 +188,7 @@ def verify_many(
         check_gguf(Path(path))
         metas[quant] = read_gguf_metadata(Path(path))
     if n_threads is None:
-        from care.runtime.engine import default_threads
+        from care.system import default_threads
 
         n_threads = default_threads()
     if hf_dtype == "auto":
@@ -383,7 +209,7 @@ def verify_many(
                "eog_check": [eot[0]] if eot else [], "lora": str((loras or {})[quant]) if quant in (loras or {})
                else None}
         with tempfile.TemporaryDirectory(prefix="care-verify-") as tmp:
-            res = _run_worker(Path(path), job, Path(tmp), timeout)
+            res = run_llama_worker(Path(path), job, Path(tmp), timeout)
             logits = [np.load(f) for f in res["seq_files"]]
             metrics = logit_metrics(ref["logprobs"], logits, ref["seqs"])
         if logits_out is not None:
@@ -505,6 +331,4 @@ def format_table(report: dict[str, Any]) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2]))
-    sys.exit("usage: python -m care.export.verify --worker JOB.json")
+    sys.exit(worker_main(llama_side))

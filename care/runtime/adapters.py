@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import MANIFEST, read_lora_manifest
 from care.errors import InvalidModelError, ModelNotFoundError, UsageError
 from care.runtime import llama_compat
 
@@ -52,14 +53,11 @@ def parse_adapters(value: str | os.PathLike[str] | None) -> dict[str, str]:
 
 
 def _from_folder(folder: Path) -> dict[str, str]:
-    from care.export.lora import load_manifest  # pure JSON: no torch
-
-    manifests = [folder / "manifest.json"] if (folder / "manifest.json").is_file() else sorted(
-        folder.glob("*/manifest.json"))
+    manifests = [folder / MANIFEST] if (folder / MANIFEST).is_file() else sorted(folder.glob(f"*/{MANIFEST}"))
     out: dict[str, str] = {}
     for path in manifests:
         try:
-            manifest = load_manifest(path.parent)
+            manifest = read_lora_manifest(path.parent)
         except InvalidModelError:
             continue  # e.g. a merged `care export gguf` folder beside the adapters
         name = manifest["name"] if path.parent == folder else path.parent.name  # subfolders: named by domain

@@ -11,14 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import is_onnx_folder
 from care.runtime.backend import ChatBackend, EngineConfig, SamplingConfig
-
-
-def is_onnx_folder(path: str | os.PathLike[str] | None) -> bool:
-    if path is None:
-        return False
-    p = Path(path)
-    return p.is_dir() and (p / "genai_config.json").is_file()
 
 
 def load_engine(spec: str | os.PathLike[str] | None = None, config: EngineConfig | None = None) -> ChatBackend:

@@ -17,16 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import is_onnx_folder
 from care.errors import GenerationError, InvalidModelError, ModelNotFoundError, require
 from care.runtime.backend import ContextBudget, EngineConfig, GenerationResponse, Message, SamplingConfig
 from care.runtime.engine import NAMED_TEMPLATES
 
 log = logging.getLogger(__name__)
-
-
-def is_onnx_folder(path: str | os.PathLike[str]) -> bool:
-    p = Path(path)
-    return p.is_dir() and (p / "genai_config.json").is_file()
 
 
 class OnnxChatEngine(ContextBudget):
@@ -45,7 +41,7 @@ class OnnxChatEngine(ContextBudget):
         if not self.path.is_dir():
             raise ModelNotFoundError("ONNX model folder not found", path=self.path,
                                      hint="Export one with `care export onnx`")
-        if not (self.path / "genai_config.json").is_file():
+        if not is_onnx_folder(self.path):
             raise InvalidModelError("Not an onnxruntime-genai model folder (no genai_config.json)", path=self.path,
                                     hint="Export it with `care export onnx`")
         self.config = config or EngineConfig()

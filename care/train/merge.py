@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import MERGE_INFO, merge_info
 from care.errors import InvalidModelError, VerificationError
 from care.io import write_json
 
 log = logging.getLogger(__name__)
 
-MERGE_INFO = "care_merge.json"
 # Default max |Δlogit| merged vs unmerged per merge dtype: fp32 sums differ by ~1e-6; 16-bit rounds the merged
 # weights and every activation (bf16 keeps 8 bits of mantissa), so the same merge differs by ~1e-2 there.
 TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 1e-2}
@@ -382,16 +382,16 @@ def _save(model, tokenizer, base: str, adapter_dir: Path, out_dir: Path, info: d
         tokenizer.chat_template = info["chat_template"]
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / MERGE_INFO, {
-        "base_model": base,
-        "adapter": str(adapter_dir.resolve()),
-        "recipe_hash": info.get("recipe_hash"),
-        "recipe_name": info.get("recipe_name"),
-        "recipe_path": info.get("recipe_path"),
-        "trained_quantized": info.get("quantized"),
-        "eos_token_id": model.generation_config.eos_token_id,
-        "merge": report.to_dict() | {"out_dir": str(out_dir)},
-    })
+    write_json(tmp / MERGE_INFO, merge_info(
+        base_model=base,
+        adapter=str(adapter_dir.resolve()),
+        recipe_hash=info.get("recipe_hash"),
+        recipe_name=info.get("recipe_name"),
+        recipe_path=info.get("recipe_path"),
+        trained_quantized=info.get("quantized"),
+        eos_token_id=model.generation_config.eos_token_id,
+        merge=report.to_dict() | {"out_dir": str(out_dir)},
+    ))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
