@@ -38,7 +38,7 @@ def default_out_dir(name: str = "demo") -> Path:
 def machine_summary(threads: int | None) -> dict[str, Any]:
     import torch
 
-    from care.runtime.threads import usable_cpus
+    from care.system import usable_cpus
 
     cores = usable_cpus()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
