@@ -153,7 +153,8 @@ def phi35_shaped(work: Path, layers: int) -> Path:
 
 def bench_gguf(model_dir: Path, work: Path, quants: list[str], verify: bool, threads: int,
                verify_kwargs: dict) -> dict:
-    from care.export.converter import convert_to_gguf, inspect_model_dir
+    from care.export.converter import convert_to_gguf
+    from care.export.hf_source import inspect_model_dir
     from care.export.quantize import quantize_many
     from care.export.verify import format_table, verify_many
 

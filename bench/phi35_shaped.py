@@ -79,7 +79,7 @@ def tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
 def _tokenizer(out: Path) -> None:
     from transformers import AutoTokenizer
 
-    from care.export.converter import phi3_vocab
+    from care.toolchain.llamacpp.converter_setup import phi3_vocab
 
     vocab = phi3_vocab()
     tok = AutoTokenizer.from_pretrained(str(vocab.parent), gguf_file=vocab.name)
@@ -140,7 +140,7 @@ def write_sentencepiece_model(out: Path) -> Path:
     import gguf
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-    from care.export.converter import phi3_vocab
+    from care.toolchain.llamacpp.converter_setup import phi3_vocab
 
     reader = gguf.GGUFReader(str(phi3_vocab()))
     fields = reader.fields

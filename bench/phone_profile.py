@@ -80,7 +80,7 @@ def write_phi35_shaped_f16(out: Path, seed: int = 0) -> Path:
     import gguf
     import numpy as np
 
-    from care.export.converter import phi3_vocab
+    from care.toolchain.llamacpp.converter_setup import phi3_vocab
 
     if out.is_file():
         return out

@@ -61,8 +61,8 @@ def split_samples(work: Path, tokenizer, val_fraction: float = 0.2) -> tuple[Pat
 def part1(threads: int, work: Path) -> dict:
     from export import smollm_hf  # bench/export.py: the same cached HF folder the tests build
 
-    from care.export.converter import hf_tokenizer
     from care.export.gguf import PLAIN_SUFFIX, export_gguf
+    from care.export.hf_source import hf_tokenizer
 
     hf = smollm_hf(work)
     calib, texts, split = split_samples(work, hf_tokenizer(hf))

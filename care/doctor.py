@@ -264,7 +264,7 @@ def cpu_module_section(report: dict[str, Any], out: dict[str, Any]) -> bool:
 # -- converter, data, resources ------------------------------------------------------------------------------
 
 def converter_section(report: dict[str, Any]) -> None:
-    from care.export.converter import converter_dir, find_converter
+    from care.toolchain.llamacpp.converter_setup import converter_dir, find_converter
 
     version = report.get("llama_cpp", {}).get("version")
     if version is None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from care.export.converter import ModelSource, gguf_name
+from care.export.converter import gguf_name
+from care.export.hf_source import ModelSource
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -31,16 +31,10 @@ from care.export.hf_source import (
     tokenizer_json,
     vocab_strings,
 )
-from care.export.hf_source import inspect_model_dir as inspect_model_dir  # re-exported: see below
 from care.io import atomic_path, check_free_space
 from care.proc import run_tool
-from care.toolchain.llamacpp.converter_setup import converter_dir as converter_dir  # re-exported: see below
 from care.toolchain.llamacpp.converter_setup import find_converter, setup_converter
-from care.toolchain.llamacpp.converter_setup import phi3_vocab as phi3_vocab  # re-exported: see below
 
-# inspect_model_dir, converter_dir and phi3_vocab are still importable from here for the callers outside
-# care/export written before the split (care/doctor.py, bench/); their homes are care.export.hf_source and
-# care.toolchain.llamacpp.converter_setup. Drop these three once those callers import from there.
 log = logging.getLogger(__name__)
 
 DRIVER = Path(__file__).with_name("_convert_driver.py")

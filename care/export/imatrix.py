@@ -198,7 +198,7 @@ def calibration_text(model_dir: str | Path, calibration: str | Path | None = Non
 
     `max_tokens` keeps whole conversations up to about that many tokens (what the bounded chunks can use),
     so the recorded hash names the text that was actually measured."""
-    from care.export.converter import hf_tokenizer
+    from care.export.hf_source import hf_tokenizer
 
     model_dir = Path(model_dir).expanduser()
     tokenizer = hf_tokenizer(model_dir)
