@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from care.errors import DiskFullError
-from care.system import sha256_file  # noqa: F401 - its home is care.system; care/export imports it from here until it moves
 
 
 def check_free_space(folder: Path, needed_bytes: int, what: str = "output") -> None:
