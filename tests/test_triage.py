@@ -293,8 +293,8 @@ FALSE_ALARM_CEILING = 0.30
 
 @pytest.mark.shared_data
 def test_banking77_has_no_false_alarms(shared_data, rules, lexicon_only):
-    texts = data.banking77(shared_data, "test")[::4]  # a fixed quarter: the default suite stays fast
-    assert [t for t in texts if v(t, lexicon_only).emergency] == []  # the rules alone: none
+    texts = data.banking77(shared_data, "test")  # all 3,080: a quarter's rate was too noisy for a 0.5% ceiling
+    assert [t for t in texts[::4] if v(t, lexicon_only).emergency] == []  # the rules alone: none
     fired = [t for t in texts if v(t, rules).emergency]
     assert len(fired) / len(texts) <= 0.005, fired
 
@@ -389,3 +389,13 @@ def test_classifier_veto_of_lexicon_hits(rules):
     forced = dataclasses.replace(vetoing, rules=[dataclasses.replace(r, always_flag=True) for r in rules.rules])
     assert v(text, forced).emergency
     assert 0.0 <= rules.model.veto < rules.model.threshold  # the packaged veto sits below the flag threshold
+
+
+def test_the_situations_category_comes_before_a_generic_sign(lexicon_only):
+    # Both the drowning and the breathing phrases match; the card shown must be the drowning one.
+    drowned = v("we just pulled my son out of the pond, he is not breathing", lexicon_only)
+    assert drowned.emergency and drowned.categories[0] == "drowning", drowned.categories
+    assert "difficulty_breathing" in drowned.categories  # both matched: the order is what is tested
+    bleeding = v("I am 7 months pregnant and bleeding heavily", lexicon_only)
+    assert bleeding.categories[0] == "pregnancy_emergency", bleeding.categories
+    assert decide.GENERIC_SIGNS <= set(data.CATEGORIES)

@@ -28,6 +28,10 @@ from care.runtime.triage.rules import LANGUAGES, Rules
 # P(emergency) the classifier needs to flag a message whose own phrases or sentences were cancelled by their
 # context. A fixed design choice (not fitted): the rules' context checks outrank a middling classifier score.
 CANCELLED_BAR = 0.9
+# Signs that DATA.md files under the situation when it has its own category (breathless after drowning is
+# drowning; bleeding in pregnancy is pregnancy_emergency; a fit in a young infant is young_infant): among the
+# lexicon's categories, these come after any other, so the card shown is the situation's.
+GENERIC_SIGNS = frozenset({"difficulty_breathing", "severe_bleeding", "unconscious_or_seizure"})
 
 
 @dataclass
@@ -125,8 +129,9 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
     score = float(sum(cats.values()))
     if hits:
         order = {c: i for i, c in enumerate(dict.fromkeys(c for c, _, _ in hits))}
-        # A clinic's own categories (unknown to the classifier) first, then the most likely.
-        ranked = sorted(order, key=lambda c: (-cats.get(c, 2.0), order[c]))
+        # The situation's category before a generic sign's; a clinic's own categories (unknown to the
+        # classifier) first; then the most likely.
+        ranked = sorted(order, key=lambda c: (c in GENERIC_SIGNS, -cats.get(c, 2.0), order[c]))
         always = any(a for _, _, a in hits)
         phrase = next(p for c, p, _ in hits if c == ranked[0])
         veto = rules.model.veto if rules.model is not None else 0.0
@@ -149,4 +154,4 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
                    source="classifier" if cats else "lexicon")
 
 
-__all__ = ["CANCELLED_BAR", "LANGUAGES", "Verdict", "assess", "detect_language"]
+__all__ = ["CANCELLED_BAR", "GENERIC_SIGNS", "LANGUAGES", "Verdict", "assess", "detect_language"]
