@@ -288,7 +288,7 @@ def test_dev_recall_and_false_alarm_floors(rules):
 
 
 RECALL_FLOOR = 0.95
-FALSE_ALARM_CEILING = 0.30
+FALSE_ALARM_CEILING = 0.20  # bench at 90686fd: 0.144 [0.120, 0.172]; the 0.08 target is not met
 
 
 @pytest.mark.shared_data
