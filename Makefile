@@ -21,7 +21,7 @@ WHEEL  := $(VENV)/.llama-cpp-wheel
 
 setup: $(STAMP) $(WHEEL) $(TRIAGE_MODEL)
 
-# The triage, language and domain classifiers are built here, not committed: about 4 min on 2 cores, the same
+# The triage, language and domain classifiers are built here, not committed: about 5 min on 2 cores, the same
 # on every run (fixed seeds), from care/data/triage/train*.jsonl, the language files and the training sides of ../shared/data.
 TRIAGE_INPUTS := $(wildcard care/data/triage/train*.jsonl care/data/safety/*.yaml care/data/safety/lang/*.yaml \
                    care/runtime/triage/*.py) scripts/train_triage.py
