@@ -70,8 +70,7 @@ def test_onnx_folder_in_the_tui_loader_the_model_list_and_bench(onnx_folder, tmp
     import json
 
     from care.cli import main
-    from care.commands.chat import add_arguments
-    from care.tui.app import loader_from_args
+    from care.commands.chat import add_arguments, loader_from_args
     from care.tui.screens import local_gguf_files
 
     parser = argparse.ArgumentParser()

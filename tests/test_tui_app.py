@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from care.commands.chat import loader_from_args
 from care.domains import SYSTEM_PROMPTS
-from care.tui.app import create_app, loader_from_args
+from care.tui.app import create_app
 from care.tui.store import ChatStore
 from care.tui.testing import FakeEngine
 from care.tui.widgets import (

@@ -9,7 +9,7 @@ from care.runtime.backend import EngineConfig, SamplingConfig
 from care.runtime.loader import EngineOptions, parse_languages
 
 __all__ = ["add_arguments", "add_engine_arguments", "add_sampling_arguments", "engine_config_from_args",
-           "engine_options", "load_engine", "parse_languages", "run", "sampling_from_args"]
+           "engine_options", "load_engine", "loader_from_args", "parse_languages", "run", "sampling_from_args"]
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,11 +111,19 @@ def load_engine(args: argparse.Namespace):
     return load_with_options(engine_options(args))
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.once is None:
-        from care.tui.app import run_from_args
+def loader_from_args(args: argparse.Namespace):
+    """The TUI's engine loader (care.tui.app.loader_for) with the command line's options."""
+    from care.tui.app import loader_for
 
-        return run_from_args(args)
+    return loader_for(engine_options(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.once is None:  # the Textual app, with the command line's options as typed values
+        from care.tui.app import run_app
+
+        return run_app(engine_options(args), domain=getattr(args, "domain", None) or "auto",
+                       system=getattr(args, "system", None), languages=parse_languages(getattr(args, "lang", None)))
     text = sys.stdin.read() if args.once == "-" else args.once
     from care.errors import UsageError
 

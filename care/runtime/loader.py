@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from care.artifacts import is_onnx_folder
 from care.runtime.backend import ChatBackend, EngineConfig, SamplingConfig
@@ -72,14 +71,6 @@ def engine_config(options: EngineOptions) -> EngineConfig:
 def load_with_options(options: EngineOptions, spec: str | None = None) -> ChatBackend:
     """load_engine for `options.model` (or `spec`, e.g. a model picked in the TUI) with the options' settings."""
     return load_engine(spec if spec is not None else options.model, engine_config(options))
-
-
-def engine_config_from_args(args: Any) -> EngineConfig:
-    """Kept for care/tui/app.py until it uses care.commands.chat.engine_options: the argparse glue lives in
-    care.commands.chat."""
-    from care.commands.chat import engine_config_from_args as from_args
-
-    return from_args(args)
 
 
 def _adapters(value: str | None) -> dict[str, str] | None:

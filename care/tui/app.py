@@ -16,7 +16,6 @@ App classes only), the layout, the status bar and the shared state.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Footer, ProgressBar, Static
 
 from care.domains import DOMAINS
-from care.runtime.loader import engine_config_from_args, load_engine, parse_languages
+from care.runtime.loader import EngineOptions, engine_config, load_engine
 from care.tui.actions import ChatActions
 from care.tui.conversation import ConversationView
 from care.tui.loading import ModelLoading
@@ -161,21 +160,22 @@ def create_app(
                        model_folders=model_folders)
 
 
-def loader_from_args(args: argparse.Namespace) -> EngineLoader:
-    """Load engines with the command line's --n-ctx/--threads/sampling options (runs in a worker thread)."""
+def loader_for(options: EngineOptions) -> EngineLoader:
+    """Load engines with `options`' device, context and sampling settings (runs in a worker thread); the
+    spec it is called with (the options' model, or one picked with F4) is the model."""
 
     def load(spec: str | None) -> Any:
-        return load_engine(spec, engine_config_from_args(args))
+        return load_engine(spec, engine_config(options))
 
     return load
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point of `care chat` without --once."""
-    domain = getattr(args, "domain", None) or "auto"
-    app = create_app(engine_loader=loader_from_args(args), model=getattr(args, "model", None),
-                     domain=domain, system=getattr(args, "system", None),
-                     languages=parse_languages(getattr(args, "lang", None)))
+def run_app(options: EngineOptions, *, domain: str = "auto", system: str | None = None,
+            languages: tuple[str, ...] | None = None) -> int:
+    """Run the chat app until it quits, loading `options.model` with `options` (care.commands.chat builds them
+    from the command line); the exit code."""
+    app = create_app(engine_loader=loader_for(options), model=options.model, domain=domain or "auto",
+                     system=system, languages=languages)
     try:
         code = app.run()
     finally:
