@@ -199,10 +199,13 @@ def adapter_info(**fields: Any) -> dict[str, Any]:
     return check(dict(fields), ADAPTER_INFO_SPEC, Path(ADAPTER_INFO), ADAPTER_HINT)
 
 
-def read_adapter_info(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """care_adapter.json of an adapter folder (or the file itself), checked."""
+def read_adapter_info(adapter_dir: str | os.PathLike[str], *,
+                      required: Sequence[str] | None = None) -> dict[str, Any]:
+    """care_adapter.json of an adapter folder (or the file itself), checked. `required` narrows the keys that
+    must be present to those the caller needs (types are checked either way)."""
     path = _file(adapter_dir, ADAPTER_INFO)
-    return check(read_json(path, ADAPTER_HINT), ADAPTER_INFO_SPEC, path, ADAPTER_HINT)
+    spec = ADAPTER_INFO_SPEC if required is None else [(k, t, k in required) for k, t, _ in ADAPTER_INFO_SPEC]
+    return check(read_json(path, ADAPTER_HINT), spec, path, ADAPTER_HINT)
 
 
 def merge_info(*, base_model: str, adapter: str, recipe_hash: str | None, recipe_name: str | None,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from care.artifacts import MERGE_INFO, merge_info
+from care.artifacts import ADAPTER_INFO, MERGE_INFO, merge_info, read_adapter_info
 from care.errors import InvalidModelError, VerificationError
 from care.io import write_json
 
@@ -71,8 +71,9 @@ def _read_info(adapter_dir: Path) -> dict[str, Any]:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InvalidModelError("Not a LoRA adapter folder (no adapter_config.json)", path=adapter_dir,
                                 hint="Pass the adapter/ folder that `care train` wrote")
-    info_path = adapter_dir / "care_adapter.json"
-    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    # care_adapter.json (care.artifacts) when `care train` wrote one: a bad one is refused naming the key; without
+    # it, or without its base_model, the base is the one adapter_config.json names.
+    info = read_adapter_info(adapter_dir, required=()) if (adapter_dir / ADAPTER_INFO).is_file() else {}
     if "base_model" not in info:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
         info["base_model"] = cfg.get("base_model_name_or_path")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from care.artifacts import ADAPTER_INFO, adapter_info
 from care.errors import TrainingError
 from care.io import write_json
 from care.progress import on_terminal
@@ -22,7 +23,6 @@ from care.train.distributed import is_distributed, is_main_process, sharding
 
 log = logging.getLogger(__name__)
 
-ADAPTER_INFO = "care_adapter.json"
 
 
 @dataclass
@@ -250,18 +250,18 @@ def save_adapter(trainer, tokenizer, final: Path, recipe: Recipe, base: str, qua
         return
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(tmp))
-    info = {
-        "base_model": base,
-        "recipe_base": recipe.model.get("base"),
-        "recipe_name": recipe.name,
-        "recipe_hash": recipe.hash(),
-        "recipe_path": str(recipe.path) if recipe.path else None,
-        "quantized": quantize,
-        "quant": recipe.quant if quantize else None,
-        "stage": stage,
-        "chat_template": template,
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    info = adapter_info(
+        base_model=base,
+        recipe_base=recipe.model.get("base"),
+        recipe_name=recipe.name,
+        recipe_hash=recipe.hash(),
+        recipe_path=str(recipe.path) if recipe.path else None,
+        quantized=quantize,
+        quant=recipe.quant if quantize else None,
+        stage=stage,
+        chat_template=template,
+        saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     write_json(tmp / ADAPTER_INFO, info)
     (tmp / ".complete").write_text("ok\n")
     shutil.rmtree(final, ignore_errors=True)
