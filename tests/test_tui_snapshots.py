@@ -42,7 +42,10 @@ async def _steady(pilot) -> None:
     """No blinking cursor in a snapshot (the app blinks for users; a screenshot would catch either phase)."""
     for box in pilot.app.query(ChatInput):
         box.cursor_blink = False
-    await pilot.pause(0.05)
+    # The footer shows a key once check_action allows it ("f5 Ask anyway" after a flagged turn); on a loaded
+    # machine its refresh can land after the screenshot, so ask for it and let it render.
+    pilot.app.refresh_bindings()
+    await pilot.pause(0.15)
 
 
 async def _send(pilot, text: str) -> None:
