@@ -7,7 +7,8 @@ import math
 import pytest
 
 from care.eval import benchmarks as B
-from care.eval.scoring import accuracy_summary, score_benchmark, wilson_ci
+from care.eval.scoring import accuracy_summary, score_benchmark
+from care.stats import wilson_ci
 
 
 def test_wilson_ci_hand_computed():

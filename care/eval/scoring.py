@@ -8,7 +8,7 @@ from typing import Any
 
 from care.eval.backends import Backend
 from care.eval.benchmarks import LETTERS, MCItem, build_prompt, continuations
-from care.stats import Z95, wilson_ci  # noqa: F401 - re-exported: the eval modules import them from here
+from care.stats import wilson_ci
 
 
 def accuracy_summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
