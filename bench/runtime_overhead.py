@@ -15,7 +15,8 @@ import statistics
 import time
 
 from care.models import resolve_gguf
-from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+from care.runtime.backend import EngineConfig, SamplingConfig
+from care.runtime.engine import ChatEngine
 
 
 def timed(chunks) -> tuple[float, float, int]:

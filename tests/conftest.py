@@ -82,7 +82,8 @@ def tiny_phi3(tmp_path_factory, smollm_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def smollm_engine(embedded_gguf):
     """One real llama.cpp engine on the embedded GGUF, shared by the runtime tests."""
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+    from care.runtime.backend import EngineConfig, SamplingConfig
+    from care.runtime.engine import ChatEngine
 
     engine = ChatEngine(embedded_gguf, EngineConfig(n_ctx=2048, n_threads=1,
                                                     sampling=SamplingConfig(temperature=0.0, seed=0,

@@ -100,7 +100,8 @@ def test_verification_report(llama_export):
 
 def test_loads_and_generates_in_llama_cpp(llama_export):
     _, _, result = llama_export
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+    from care.runtime.backend import EngineConfig, SamplingConfig
+    from care.runtime.engine import ChatEngine
 
     engine = ChatEngine(result.files["q4_k_m"], EngineConfig(
         n_ctx=512, n_threads=1, sampling=SamplingConfig(temperature=0.0, max_tokens=8, seed=0)))
@@ -156,7 +157,8 @@ def test_verify_alone_catches_a_different_model(llama_export, tmp_path):
 def test_tiny_phi3_fused_layout_and_phi3_name_guard(tiny_phi3, tmp_path):
     """Phi-3's fused qkv/gate_up convert; a 'phi3' name on a non-Phi-3 vocab is renamed, since llama.cpp
     would otherwise look up Phi-3's special tokens and abort while loading (which would kill this test)."""
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+    from care.runtime.backend import EngineConfig, SamplingConfig
+    from care.runtime.engine import ChatEngine
 
     result = export_gguf(tiny_phi3, tmp_path / "out", quants=("f16",), verify=False)
     meta = read_gguf_metadata(result.files["f16"])
@@ -420,7 +422,8 @@ def smollm_hf(embedded_gguf) -> Path:
 def test_smollm2_q4_k_m_verified_and_answers(smollm_hf, tmp_path):
     """The real 135M model: K-quant fallbacks counted (576-wide rows), quality within limits, and the
     exported file answers a question sensibly through the runtime engine."""
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+    from care.runtime.backend import EngineConfig, SamplingConfig
+    from care.runtime.engine import ChatEngine
 
     result = export_gguf(smollm_hf, tmp_path / "out", quants=("q4_k_m", "q8_0"), n_threads=1,
                          name="SmolLM2-135M-Instruct")

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from care.runtime.engine import GenerationResponse
+from care.runtime.backend import GenerationResponse
 from care.runtime.session import (
     AnywayNote,
     ChatSession,

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from care.errors import GenerationError, InvalidModelError, ModelNotFoundError
-from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+from care.runtime.backend import EngineConfig, SamplingConfig
+from care.runtime.engine import ChatEngine
 
 GREEDY = SamplingConfig(temperature=0.0, seed=0, max_tokens=24)
 Q = [{"role": "user", "content": "What is the capital of France?"}]

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from care.errors import GenerationError, InvalidModelError, ModelNotFoundError
-from care.runtime.engine import EngineConfig, SamplingConfig
+from care.runtime.backend import EngineConfig, SamplingConfig
 
 pytest.importorskip("onnxruntime_genai")
 

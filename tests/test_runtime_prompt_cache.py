@@ -7,7 +7,8 @@ import hashlib
 import pytest
 
 from care.domains import system_prompt
-from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+from care.runtime.backend import EngineConfig, SamplingConfig
+from care.runtime.engine import ChatEngine
 from care.runtime.prompt_cache import model_sha256, read_state, write_state
 
 QUESTION = "What helps a mild headache?"

@@ -9,7 +9,8 @@ import pytest
 from care.domains import system_prompt
 from care.errors import GenerationError, UsageError
 from care.runtime import triage
-from care.runtime.engine import ChatEngine, EngineConfig, GenerationResponse, SamplingConfig
+from care.runtime.backend import EngineConfig, GenerationResponse, SamplingConfig
+from care.runtime.engine import ChatEngine
 from care.runtime.session import AnywayNote, ChatSession, ContextNote, SafetyNotice
 
 GREEDY = SamplingConfig(temperature=0.0, seed=0, max_tokens=16)

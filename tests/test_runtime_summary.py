@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from care.runtime import summary as summary_mod
-from care.runtime.engine import ChatEngine, EngineConfig, GenerationResponse, SamplingConfig
+from care.runtime.backend import EngineConfig, GenerationResponse, SamplingConfig
+from care.runtime.engine import ChatEngine
 from care.runtime.session import ChatSession, ContextNote
 from care.runtime.summary import SUMMARY_HEADER
 from care.tui.testing import FakeEngine

@@ -64,7 +64,7 @@ def test_models_and_auth(server_url):
 
 def test_non_streaming_matches_engine(server_url, smollm_engine):
     from care.domains import system_prompt
-    from care.runtime.engine import SamplingConfig
+    from care.runtime.backend import SamplingConfig
 
     with _client(server_url) as c:
         r = c.post("/v1/chat/completions", json=_body("How do I block my lost bank card?"))

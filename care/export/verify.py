@@ -114,7 +114,8 @@ def llama_side(job: dict[str, Any]) -> dict[str, Any]:
     workdir = Path(job["workdir"])
     llama_cpp = llama_compat.load()
 
-    from care.runtime.engine import ChatEngine, EngineConfig, SamplingConfig
+    from care.runtime.backend import EngineConfig, SamplingConfig
+    from care.runtime.engine import ChatEngine
 
     n_threads = job["n_threads"]
     llm = llama_cpp.Llama(model_path=job["gguf"], n_ctx=job["n_ctx"], n_batch=min(512, job["n_ctx"]),

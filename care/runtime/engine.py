@@ -21,20 +21,18 @@ from care.errors import GenerationError, InvalidModelError, require
 from care.gguf_file import file_type_name
 from care.models import check_gguf
 from care.runtime import llama_compat
-from care.runtime.backend import (  # re-exported: the names front ends imported from here before
+from care.runtime.backend import (
     ContextBudget,
     EngineConfig,
     GenerationResponse,
     Message,
     SamplingConfig,
-    collect,
 )
 from care.system import default_threads
 
 log = logging.getLogger(__name__)
 
-__all__ = ["END_OF_TURN_STRINGS", "NAMED_TEMPLATES", "ChatEngine", "EngineConfig", "GenerationResponse", "Message",
-           "SamplingConfig", "collect"]
+__all__ = ["END_OF_TURN_STRINGS", "NAMED_TEMPLATES", "ChatEngine"]
 
 # Strings that end a turn in the chat formats we support. llama.cpp already stops on the vocabulary's
 # end-of-generation tokens (EOS/EOT, Phi-3.5's <|end|>); these catch models whose GGUF marks them poorly.
