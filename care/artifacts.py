@@ -21,14 +21,17 @@ the checks are a few typed keys per file, which is why no schema library is pull
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from care.errors import InvalidModelError, ModelNotFoundError
+from care.errors import CareError, InvalidModelError, ModelNotFoundError
 from care.system import sha256_file
+
+log = logging.getLogger(__name__)
 
 ADAPTER_INFO = "care_adapter.json"
 MERGE_INFO = "care_merge.json"
@@ -203,9 +206,7 @@ def read_adapter_info(adapter_dir: str | os.PathLike[str], *,
                       required: Sequence[str] | None = None) -> dict[str, Any]:
     """care_adapter.json of an adapter folder (or the file itself), checked. `required` narrows the keys that
     must be present to those the caller needs (types are checked either way)."""
-    path = _file(adapter_dir, ADAPTER_INFO)
-    spec = ADAPTER_INFO_SPEC if required is None else [(k, t, k in required) for k, t, _ in ADAPTER_INFO_SPEC]
-    return check(read_json(path, ADAPTER_HINT), spec, path, ADAPTER_HINT)
+    return _read_record(adapter_dir, ADAPTER_INFO, ADAPTER_INFO_SPEC, ADAPTER_HINT, required)
 
 
 def merge_info(*, base_model: str, adapter: str, recipe_hash: str | None, recipe_name: str | None,
@@ -221,9 +222,28 @@ def merge_info(*, base_model: str, adapter: str, recipe_hash: str | None, recipe
 def read_merge_info(model_dir: str | os.PathLike[str], *, required: Sequence[str] | None = None) -> dict[str, Any]:
     """care_merge.json of a merged model folder (or the file itself), checked. `required` narrows the keys that
     must be present to those the caller needs (types are checked either way)."""
-    path = _file(model_dir, MERGE_INFO)
-    spec = MERGE_INFO_SPEC if required is None else [(k, t, k in required) for k, t, _ in MERGE_INFO_SPEC]
-    return check(read_json(path, MERGE_HINT), spec, path, MERGE_HINT)
+    return _read_record(model_dir, MERGE_INFO, MERGE_INFO_SPEC, MERGE_HINT, required)
+
+
+def _read_record(folder: str | os.PathLike[str], name: str, spec: Spec, hint: str,
+                 required: Sequence[str] | None) -> dict[str, Any]:
+    path = _file(folder, name)
+    if required is not None:
+        spec = [(k, t, k in required) for k, t, _ in spec]
+    return check(read_json(path, hint), spec, path, hint)
+
+
+def read_if_present(read: Callable[..., dict[str, Any]], folder: str | os.PathLike[str], name: str, *,
+                    otherwise: str, **kwargs: Any) -> dict[str, Any]:
+    """An optional record (`read_merge_info`, `read_adapter_info`, ...): {} when `folder` has no `name`; a bad
+    one is logged in one line, naming the key, with what happens `otherwise`, and read as {}."""
+    if not (Path(folder) / name).is_file():
+        return {}
+    try:
+        return read(folder, **kwargs)
+    except CareError as exc:
+        log.warning("%s; %s", exc.one_line(), otherwise)
+        return {}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from care.artifacts import MERGE_INFO, read_merge_info
-from care.errors import CareError, ExportError, InvalidModelError, ModelNotFoundError
+from care.artifacts import MERGE_INFO, read_if_present, read_merge_info
+from care.errors import ExportError, InvalidModelError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ def inspect_model_dir(model_dir: str | os.PathLike[str]) -> ModelSource:
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise InvalidModelError("Model folder has no tokenizer (tokenizer.json / tokenizer.model)", path=path,
                                 hint="Save the tokenizer next to the model (`care merge` does)")
-    provenance: dict[str, Any] = {}
-    if (path / MERGE_INFO).is_file():
-        try:
-            provenance = read_merge_info(path)
-        except CareError as exc:
-            log.warning("%s; no provenance in the GGUF", exc.one_line())
+    provenance = read_if_present(read_merge_info, path, MERGE_INFO, otherwise="no provenance in the GGUF")
     return ModelSource(path=path, config=config, architecture=arch, llama_arch=SUPPORTED_ARCHITECTURES[arch],
                        provenance=provenance, weight_bytes=sum(p.stat().st_size for p in weights))
 

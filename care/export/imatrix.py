@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from care import proc
-from care.artifacts import MERGE_INFO, read_merge_info
+from care.artifacts import MERGE_INFO, read_if_present, read_merge_info
 from care.errors import CareError, ConfigError, DataError, ExportError, ToolError
 from care.io import atomic_path
 
@@ -119,12 +119,9 @@ def find_recipe(model_dir: Path):
 
     from care.train.config import recipe_from_dict
 
-    prov: dict[str, Any] = {}
-    if (model_dir / MERGE_INFO).is_file():
-        try:  # only the recipe's whereabouts are needed here, so no key is required
-            prov = read_merge_info(model_dir, required=())
-        except CareError as exc:
-            log.warning("%s; looking for the recipe beside the model instead", exc.one_line())
+    # Only the recipe's whereabouts are needed here, so no key is required.
+    prov = read_if_present(read_merge_info, model_dir, MERGE_INFO, required=(),
+                           otherwise="looking for the recipe beside the model instead")
     original = Path(prov["recipe_path"]) if isinstance(prov.get("recipe_path"), str) else None
     candidates: list[Path] = []
     if isinstance(prov.get("adapter"), str):

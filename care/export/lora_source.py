@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from care.artifacts import ADAPTER_INFO, MERGE_INFO, public_name, read_adapter_info, read_merge_info
+from care.artifacts import (
+    ADAPTER_INFO,
+    MERGE_INFO,
+    public_name,
+    read_adapter_info,
+    read_if_present,
+    read_merge_info,
+)
 from care.errors import CareError, ExportError, InvalidModelError, ModelNotFoundError
 from care.export.hf_source import SUPPORTED_ARCHITECTURES, check_safetensors
 from care.system import local_snapshot
@@ -132,12 +139,7 @@ def inspect_adapter(adapter_dir: str | os.PathLike[str]) -> AdapterSource:
                           "GGUF adapter", path=cfg_path,
                           hint="Retrain with one lora.r / lora.alpha for all modules")
     targets = config.get("target_modules") or []
-    info: dict[str, Any] = {}
-    if (path / ADAPTER_INFO).is_file():
-        try:
-            info = read_adapter_info(path)
-        except CareError as exc:
-            log.warning("%s; ignoring it", exc.one_line())
+    info = read_if_present(read_adapter_info, path, ADAPTER_INFO, otherwise="ignoring it")
     return AdapterSource(path=path, config=config, info=info, weights=weights, rank=rank, alpha=alpha,
                          rslora=rslora, target_modules=sorted(targets) if isinstance(targets, list) else [targets])
 

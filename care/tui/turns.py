@@ -88,24 +88,23 @@ class ChatTurns:
             self.chat_id = self.store.new_chat(self.domain, self.engine.model_name)
         self.store.add_message(self.chat_id, "user", text)
         self.mount_block(UserMessage(text))
-        self.generating = True
-        self._new_reply()
-        self.flagged_turn = False
-        self.refresh_bindings()
-        self.update_status()
-        self._generate(text)
+        self._start_reply(text)
 
     def action_ask_anyway(self) -> None:
         """The model's own reply to the last (flagged) message, under its label."""
         if self.generating or self.session is None or not self.flagged_turn:
             self.notify("Ask anyway is for the last message, after an emergency notice and first aid.", timeout=4)
             return
+        self._start_reply(None)
+
+    def _start_reply(self, text: str | None) -> None:
+        """Generate a reply to `text` (None: to the last, flagged message, asked anyway)."""
         self.flagged_turn = False
         self.refresh_bindings()
         self.generating = True
         self._new_reply()
         self.update_status()
-        self._generate(None)
+        self._generate(text)
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self, text: str | None) -> None:
