@@ -10,6 +10,7 @@ real ARM phone or board. Figures (time, size) are printed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,22 +110,41 @@ def test_triage_and_an_emergency_answer_on_arm(arm):
     print(f"triage + notice and card on aarch64 (emulated): {seconds:.0f} s")
 
 
-@pytest.mark.xfail(reason="measured 2026-12-03: the emulated aarch64 build's greedy reply departs from x86 (zen4 "
-                   "module) at the first token on the embedded Q4_1 model; not yet explained (issue 24)",
-                   strict=False)
-def test_greedy_reply_matches_x86(arm, tmp_path):
-    args = ["--once", QUESTION, "--temperature", "0", "--max-tokens", "16", "--seed", "0", "--domain", "general"]
-    t0 = time.monotonic()
-    proc = subprocess.run([str(ROOT / "bin" / "sh"), str(arm["prefix"] / "start.sh"), *args], env=arm["env"],
-                          capture_output=True, text=True, timeout=1800)
-    seconds = time.monotonic() - t0
-    assert proc.returncode == 0, proc.stderr[-1500:]
-    model = next((arm["prefix"] / "app" / "models").glob("*.gguf"))
-    x86 = subprocess.run([sys.executable, "-m", "care", "chat", "--model", str(model), *args], capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "CARE_HOME": str(tmp_path / "x86")})
+# The same model's logits from the ARM kernels (NEON dotprod + fp16, under qemu) and the x86 ones (AVX-512) differ
+# by rounding: measured 2026-12-04 on SmolLM2 Q4_1, up to 0.57 on logits of 20-30. That is enough to flip a near
+# tie: at the first token of QUESTION x86 prefers "A" over "When" by 0.42 and ARM by 0.04 (without a BOS token), so a greedy reply
+# with a system prompt may depart at its first token (the xfail of 2026-12-03). A wrong kernel is off by whole
+# units. So the two builds are compared on the same tokens (x86's greedy ones, fed to ARM one by one).
+LOGIT_TOL = 1.0
+GREEDY = Path(__file__).with_name("portable_greedy.py")
+
+
+def test_arm_logits_match_x86(arm):
+    prompt = f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    model = str(next((arm["prefix"] / "app" / "models").glob("*.gguf")))
+    x86 = subprocess.run([sys.executable, str(GREEDY), model, "16", prompt], capture_output=True, text=True,
+                         timeout=600)
     assert x86.returncode == 0, x86.stderr[-1500:]
-    print(f"aarch64 greedy reply ({seconds:.0f} s emulated): {proc.stdout.strip()!r}")
-    assert proc.stdout == x86.stdout  # the same 16 tokens as on x86 (ARM NEON dotprod vs x86 AVX-512 kernels)
+    ref = json.loads(x86.stdout)
+    t0 = time.monotonic()
+    proc = _run(arm, str(GREEDY), model, "16", prompt, ",".join(map(str, ref["tokens"])))
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    got = json.loads(proc.stdout)
+    assert got["prompt_tokens"] == ref["prompt_tokens"] and got["tokens"] == ref["tokens"]
+    worst, decisive = 0.0, 0
+    for step, ((ids, vals), (arm_ids, arm_vals)) in enumerate(zip(ref["top"], got["top"], strict=True)):
+        arm_logit = dict(zip(arm_ids, arm_vals, strict=True))
+        shared = [(i, v) for i, v in zip(ids, vals, strict=True) if i in arm_logit]
+        assert len(shared) >= 7, (step, ids, arm_ids)  # the same candidates
+        worst = max(worst, *(abs(arm_logit[i] - v) for i, v in shared))
+        if ref["margins"][step] >= 2 * LOGIT_TOL:  # not a near tie: ARM must pick x86's token
+            decisive += 1
+            assert arm_ids[0] == ref["tokens"][step], (step, ref["pieces"][step], ref["margins"][step])
+    assert worst <= LOGIT_TOL, worst
+    assert decisive >= 4, ref["margins"]  # the check above had something to check
+    print(f"aarch64 vs x86 logits ({time.monotonic() - t0:.0f} s emulated): max |diff| {worst:.3f} over "
+          f"{len(ref['tokens'])} steps; same argmax at all {decisive} steps whose x86 margin >= {2 * LOGIT_TOL}; "
+          f"x86 greedy {''.join(ref['pieces'])!r}")
 
 
 def test_tui_under_emulation_in_tmux(arm):

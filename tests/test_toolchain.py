@@ -76,10 +76,14 @@ def test_patches_apply_to_the_real_sdist(tmp_path):
     top = llamacpp.extract_source(sdist, tmp_path / "src")
     patches.apply_all(top, patches.WHEEL_PATCHES)
     mmq = (top / patches.AMX_TILE_CONFIG.path).read_text()
+    common = (top / patches.AMX_INTRINSICS.path).read_text()
     assert "static const tile_config_t tc" in mmq and "tc.rows[0] = 8;" not in mmq
-    with pytest.raises(patches.PatchError, match="anchor text"):  # applied twice: the anchor is gone
-        patches.AMX_TILE_CONFIG.apply(top)
-    _compile_and_read_tile_config(mmq, tmp_path)
+    assert "static thread_local bool done" not in mmq and "_tile_storeconfig(&cur);" in mmq  # no once-per-thread latch
+    assert common.count("#define _tile_loadd(") == 1
+    for patch in patches.AMX_PATCHES:  # applied twice: refused (the anchor is gone, or the patch is there)
+        with pytest.raises(patches.PatchError, match="anchor text|already applied"):
+            patch.apply(top)
+    _compile_and_read_tile_config(mmq, common, tmp_path)
 
 
 _PROBE_MAIN = r"""
@@ -91,22 +95,30 @@ void ggml_tile_config_init(void);
 int main(int argc, char ** argv) {
     if (argc > 1) {  /* run: only where the CPU has AMX */
         if (syscall(SYS_arch_prctl, 0x1023, 18)) return 2;
-        ggml_tile_config_init();
-        alignas(64) unsigned char c[64];
-        _tile_storeconfig(c);
-        printf("%d", c[0]);
-        for (int i = 0; i < 8; i++) printf(" %d:%d", c[48 + i], c[16 + 2 * i] | (c[17 + 2 * i] << 8));
-        printf("\n");
+        /* ggml's config; then after another AMX user's config (all tiles 16 x 64); then after tilerelease */
+        alignas(64) unsigned char foreign[64] = {1};
+        for (int i = 0; i < 8; i++) { foreign[16 + 2 * i] = 64; foreign[48 + i] = 16; }
+        for (int round = 0; round < 3; round++) {
+            if (round == 1) _tile_loadconfig(foreign);
+            if (round == 2) _tile_release();
+            ggml_tile_config_init();
+            alignas(64) unsigned char c[64];
+            _tile_storeconfig(c);
+            printf("%d", c[0]);
+            for (int i = 0; i < 8; i++) printf(" %d:%d", c[48 + i], c[16 + 2 * i] | (c[17 + 2 * i] << 8));
+            printf("\n");
+        }
     }
     return 0;
 }
 """
 
 
-def _compile_and_read_tile_config(mmq: str, tmp: Path) -> None:
+def _compile_and_read_tile_config(mmq: str, common: str, tmp: Path) -> None:
     """The patched ggml_tile_config_init, cut out of mmq.cpp and compiled at -O3 with AMX on, in a unit of its
-    own (where GCC 12 drops the unpatched function's stores, as it does inside ggml_backend_amx_mul_mat): the
-    config it loads must configure all 8 tiles (rows x colsb of the kernels' 2-2-4 layout)."""
+    own (where GCC 12 drops the unpatched function's stores, as it does inside ggml_backend_amx_mul_mat), with
+    the patched intrinsics of amx/common.h: the config it loads must configure all 8 tiles (rows x colsb of the
+    kernels' 2-2-4 layout), also after another AMX user loaded its own config or released the tiles."""
     import re
     import shutil
     import subprocess
@@ -117,8 +129,10 @@ def _compile_and_read_tile_config(mmq: str, tmp: Path) -> None:
     struct = re.search(r"struct tile_config_t\s*\{.*?\n\};", mmq, re.S).group(0)
     func = re.search(r"inline void ggml_tile_config_init\(void\) \{.*?\n\}\n", mmq, re.S).group(0)
     func = func.replace("inline void ggml_tile_config_init", "void ggml_tile_config_init", 1)
-    (tmp / "tilecfg.cpp").write_text("#include <immintrin.h>\n#include <stdint.h>\n" + struct + "\n" + func)
-    (tmp / "main.cpp").write_text(_PROBE_MAIN)
+    intrin = re.search(r"#if defined\(__GNUC__\) && !defined\(__clang__\).*?\n#endif\n", common, re.S).group(0)
+    (tmp / "tilecfg.cpp").write_text("#include <immintrin.h>\n#include <stdint.h>\n#include <string.h>\n" + intrin
+                                     + struct + "\n" + func)
+    (tmp / "main.cpp").write_text("#include <immintrin.h>\n" + intrin + _PROBE_MAIN)
     exe = tmp / "tilecfg"
     proc = subprocess.run([gxx, "-std=c++17", "-O3", "-mamx-tile", "-mamx-int8", "-mavx512f", str(tmp / "tilecfg.cpp"),
                            str(tmp / "main.cpp"), "-o", str(exe)], capture_output=True, text=True)
@@ -129,7 +143,8 @@ def _compile_and_read_tile_config(mmq: str, tmp: Path) -> None:
         return  # compiled; running ldtilecfg needs an AMX CPU
     out = subprocess.run([str(exe), "run"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"tile config probe died: {out.returncode}"
-    assert out.stdout.split() == ["1", "8:64", "8:64", "16:32", "16:32", "16:64", "16:64", "16:64", "16:64"]
+    ggml = "1 8:64 8:64 16:32 16:32 16:64 16:64 16:64 16:64"
+    assert out.stdout.splitlines() == [ggml, ggml, ggml]
 
 
 def test_sdist_env_must_exist_and_match_version(tmp_path, monkeypatch):

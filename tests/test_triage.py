@@ -399,3 +399,24 @@ def test_the_situations_category_comes_before_a_generic_sign(lexicon_only):
     bleeding = v("I am 7 months pregnant and bleeding heavily", lexicon_only)
     assert bleeding.categories[0] == "pregnancy_emergency", bleeding.categories
     assert decide.GENERIC_SIGNS.issubset(data.CATEGORIES)
+
+
+def test_the_classifier_names_the_category_when_far_surer(rules):
+    import dataclasses
+
+    import numpy as np
+
+    text = "my husband is not breathing"  # the lexicon's phrase names a sign: difficulty_breathing
+    plain = v(text, rules)
+    assert plain.emergency and plain.source == "lexicon"
+    # A model far surer of another category (its bias pushed up) names the category; the lexicon still flags.
+    model = rules.model
+    bias = model.bias.copy()
+    bias[model.classes.index("drowning")] += 12.0
+    sure = dataclasses.replace(rules, model=dataclasses.replace(model, bias=bias.astype(np.float32)))
+    named = v(text, sure)
+    assert named.emergency and named.category == "drowning" and named.why.endswith("category: classifier"), named
+    assert plain.category in named.categories  # the lexicon's category is kept after it
+    # Not for an always-flag rule: the clinic's phrase names its category.
+    forced = dataclasses.replace(sure, rules=[dataclasses.replace(r, always_flag=True) for r in sure.rules])
+    assert v(text, forced).category == plain.category

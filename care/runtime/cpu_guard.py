@@ -44,12 +44,15 @@ LIB_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own override of its library
 DONE_ENV = "CARE_CPU_GUARD_LIB"  # set by ensure(): the folder already checked (children skip the check)
 CACHE_ENV = "CARE_CPU_GUARD_CACHE"
 GUARD_REV = 3  # bump when the probe changes what it checks (2: real logits, logits_all; 3: AMX distrusted)
-# ggml's AMX module (sapphirerapids), even with the tile-config patch (care/toolchain/llamacpp/patches.py), was
+# ggml's AMX module (sapphirerapids), with the first tile-config patch (care/toolchain/llamacpp/patches.py, 2), was
 # measured here (Xeon with AMX, 2026-12-03) to give wrong greedy tokens on SmolLM2 Q4_K_M ("L'Étoile, la Mar"
 # where HF and every other module say "The capital of") and one SIGILL in decode during the full suite, cases
-# the short probe passes. So it is refused by policy: AVX-512 (zen4/icelake) runs instead. CARE_CPU_ALLOW_AMX=1
-# lets the probe decide again (bench/cpu_modules.py, to re-measure after a llama.cpp update).
-DISTRUSTED = {"sapphirerapids": "distrusted: wrong tokens and SIGILL measured on AMX (set CARE_CPU_ALLOW_AMX=1 to probe it)"}
+# the short probe passes. The likely cause (another AMX user on the thread replacing or releasing the tile
+# config) is patched (patches.py, 3), shown right in emulation only: no AMX machine has run it. So the module stays
+# refused by policy: AVX-512 (zen4/icelake) runs instead. CARE_CPU_ALLOW_AMX=1 lets the probe decide again
+# (bench/cpu_modules.py, to measure it on a Xeon).
+DISTRUSTED = {"sapphirerapids": "distrusted: wrong tokens and SIGILL measured on AMX before the config-reload patch, "
+                                "not re-measured on AMX since (set CARE_CPU_ALLOW_AMX=1 to probe it)"}
 ALLOW_AMX_ENV = "CARE_CPU_ALLOW_AMX"
 PROBE_TIMEOUT = 120
 

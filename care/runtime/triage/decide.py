@@ -32,6 +32,12 @@ CANCELLED_BAR = 0.9
 # drowning; bleeding in pregnancy is pregnancy_emergency; a fit in a young infant is young_infant): among the
 # lexicon's categories, these come after any other, so the card shown is the situation's.
 GENERIC_SIGNS = frozenset({"difficulty_breathing", "severe_bleeding", "unconscious_or_seizure"})
+# The lexicon flags, the classifier names the category when it is this many times surer of another one than of
+# the lexicon's (a fixed list was tried on out-of-fold TRAINING rows, scripts/train_triage.py: 2, 4, 8; 4 gave the
+# most right categories, 0.794 -> 0.819): a phrase names one sign ("not breathing", "bleeding", "took pills")
+# while the whole message says whose and why (a drowning, a pregnancy, a suicide attempt). Not for an always-flag
+# rule or a clinic's own category, which the classifier does not know.
+CATEGORY_RATIO = 4.0
 
 
 @dataclass
@@ -133,12 +139,17 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
         # classifier) first; then the most likely.
         ranked = sorted(order, key=lambda c: (c in GENERIC_SIGNS, -cats.get(c, 2.0), order[c]))
         always = any(a for _, _, a in hits)
-        phrase = next(p for c, p, _ in hits if c == ranked[0])
+        surest = max(cats, key=cats.__getitem__) if cats else None
+        if (not always and surest is not None and surest not in order and ranked[0] in cats
+                and cats[surest] > CATEGORY_RATIO * cats[ranked[0]]):
+            ranked.insert(0, surest)
+        phrase = next(p for c, p, _ in hits if c == next(c for c in ranked if c in order))
         veto = rules.model.veto if rules.model is not None else 0.0
         if not always and veto > 0 and score < veto and all(c in cats for c in ranked):
             return Verdict(False, None, "en", score, f"cancelled: classifier (p={score:.2f}, lexicon: {phrase})",
                            source="veto")
-        return Verdict(True, ranked[0], "en", 1.0 if always else score, f"lexicon: {phrase}",
+        named = "" if ranked[0] in order else ", category: classifier"
+        return Verdict(True, ranked[0], "en", 1.0 if always else score, f"lexicon: {phrase}{named}",
                        categories=ranked, source="always_flag" if always else "lexicon")
     # The classifier alone needs a word that could be a symptom: "and now?" says nothing of one.
     evident = bool(ctx.evidence(norm))
@@ -154,4 +165,4 @@ def _assess_norm(norm: str, rules: Rules, lang: str = "en") -> Verdict:
                    source="classifier" if cats else "lexicon")
 
 
-__all__ = ["CANCELLED_BAR", "GENERIC_SIGNS", "LANGUAGES", "Verdict", "assess", "detect_language"]
+__all__ = ["CANCELLED_BAR", "CATEGORY_RATIO", "GENERIC_SIGNS", "LANGUAGES", "Verdict", "assess", "detect_language"]
