@@ -7,7 +7,12 @@ CPU module (care/runtime/cpu_guard.py's mechanism), in alternated rounds so that
 machine hit both; medians are printed with their ratio.
 
     .venv/bin/python bench/cpu_modules.py [--model X.gguf | --phi35] [--modules sapphirerapids,zen4]
-        [--rounds 3] [--prompt 256] [--gen 32] [--threads 2]
+        [--rounds 3] [--prompt 256] [--gen 32] [--threads 2] [--check]
+
+--check first compares the modules' greedy tokens (a 60-token prompt: a batch, so the AMX tiles run), each in
+its own process, alone and after PyTorch has run a bf16 matmul on the same thread (oneDNN's AMX kernels load
+their own tile config and release the tiles: the case care/toolchain/llamacpp/patches.py, 3, fixes). On a Xeon,
+with CARE_CPU_ALLOW_AMX=1, that is the check that the AMX module can be trusted again.
 
 --phi35 builds (once, ~2.5 GB in the care cache) the Phi-3.5-mini-shaped Q4_K_M with bench/phone_profile.py.
 """
@@ -31,6 +36,57 @@ def only(lib: Path, module: str) -> Path:
     if len(others) == len(list(lib.glob("libggml-cpu-*.so"))):
         raise SystemExit(f"no libggml-cpu-{module}.so in {lib}")
     return cpu_guard.without(lib, others)
+
+
+_GREEDY_CHILD = """
+import json, os, sys
+if os.environ.get("CARE_BENCH_TORCH_FIRST"):
+    import torch  # oneDNN: AMX-BF16 on a CPU that has it
+    a = torch.randn(512, 512, dtype=torch.bfloat16)
+    (a @ a).float().sum().item()
+from care.runtime import llama_compat
+llm = llama_compat.load().Llama(model_path=sys.argv[1], n_ctx=256, n_threads=int(sys.argv[2]), verbose=False)
+prompt = " ".join(["The capital of France is Paris, and the capital of Italy is Rome."] * 4) + " The capital of"
+toks = []
+for t in llm.generate(llm.tokenize(prompt.encode(), add_bos=True), temp=0.0, top_k=1, repeat_penalty=1.0):
+    if t == llm.token_eos() or len(toks) == 16:
+        break
+    toks.append(t)
+print("CARE_TOKENS " + json.dumps([toks, llm.detokenize(toks).decode("utf-8", "replace")]))
+"""
+
+
+def greedy(model: Path, folder: Path, threads: int, torch_first: bool) -> tuple[list[int], str] | str:
+    """(tokens, text) of a greedy continuation with only `folder`'s CPU module, or why it failed."""
+    from care.errors import ToolError
+    from care.proc import run_tool
+    from care.runtime import cpu_guard
+
+    env = {**os.environ, cpu_guard.LIB_ENV: str(folder), cpu_guard.DONE_ENV: str(folder)}
+    if torch_first:
+        env["CARE_BENCH_TORCH_FIRST"] = "1"
+    lines: list[str] = []
+    try:
+        run_tool([sys.executable, "-c", _GREEDY_CHILD, str(model), str(threads)], what="the greedy child", env=env,
+                 on_line=lines.append, timeout=600)
+    except ToolError as exc:
+        return exc.one_line()
+    found = [ln for ln in lines if ln.startswith("CARE_TOKENS ")]
+    return tuple(json.loads(found[-1].split(" ", 1)[1])) if found else "no tokens printed"
+
+
+def check(model: Path, folders: dict[str, Path], threads: int) -> bool:
+    results = {}
+    for m, folder in folders.items():
+        for torch_first in (False, True):
+            results[(m, torch_first)] = greedy(model, folder, threads, torch_first)
+            got = results[(m, torch_first)]
+            print(f"  {m:<15} {'after torch bf16' if torch_first else 'alone':<17} "
+                  + (repr(got[1]) if isinstance(got, tuple) else f"FAILED: {got}"))
+    ref = next(iter(results.values()))
+    same = all(isinstance(r, tuple) and r[0] == ref[0] for r in results.values()) and isinstance(ref, tuple)
+    print("greedy tokens: " + ("the same in every module and case" if same else "DIFFER (see above)"))
+    return same
 
 
 def phi35_q4() -> Path:
@@ -58,6 +114,7 @@ def main() -> int:
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON")
+    ap.add_argument("--check", action="store_true", help="first compare the modules' greedy tokens (see above)")
     opts = ap.parse_args()
 
     from care.models import embedded_gguf
@@ -70,6 +127,10 @@ def main() -> int:
         raise SystemExit("llama-cpp-python is not installed")
     modules = [m for m in opts.modules.split(",") if m]
     folders = {m: only(lib, m) for m in modules}
+    agreed = True
+    if opts.check:
+        print(f"greedy check, {model.name}, {opts.threads} threads:")
+        agreed = check(model, folders, opts.threads)
     print(f"model {model.name} ({model.stat().st_size / 1e9:.2f} GB), {opts.threads} threads, prompt {opts.prompt}, "
           f"gen {opts.gen}, {opts.rounds} alternated rounds")
     runs: dict[str, list[dict]] = {m: [] for m in modules}
@@ -99,7 +160,7 @@ def main() -> int:
               f"decode {summary[a]['decode_tok_s'] / summary[b]['decode_tok_s']:.2f}x")
     if opts.out:
         opts.out.write_text(json.dumps({"model": str(model), "modules": summary, "runs": runs}, indent=2) + "\n")
-    return 0
+    return 0 if agreed else 1
 
 
 if __name__ == "__main__":
